@@ -1,0 +1,426 @@
+"""YAML → dataclasses, validated on load.
+
+Every key of a config file maps to a field of one of the dataclasses below; field names follow
+Megatron-LM's command-line flags (``--micro-batch-size`` → ``micro_batch_size``). Errors name the
+file, the line and the dotted key: ``run.yaml:12: training.micro_batch_sise: unknown key``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file, or a ``--set`` override, is invalid. The message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    """A GPT (Llama-style by default) as megatron-core builds it."""
+
+    num_layers: int = 4
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # GQA; None = multi-head attention
+    ffn_hidden_size: Optional[int] = None  # None = 4 * hidden_size
+    kv_channels: Optional[int] = None  # None = hidden_size / num_attention_heads
+    vocab_size: int = 512
+    make_vocab_size_divisible_by: int = 128
+    max_position_embeddings: int = 4096
+    normalization: str = "RMSNorm"  # RMSNorm | LayerNorm
+    layernorm_epsilon: float = 1e-5
+    activation: str = "swiglu"  # swiglu | gelu | relu | silu
+    position_embedding_type: str = "rope"  # rope | learned_absolute | none
+    rotary_base: int = 10000
+    rotary_percent: float = 1.0
+    add_bias_linear: bool = False
+    add_qkv_bias: bool = False
+    untie_embeddings_and_output_weights: bool = True
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+
+
+@dataclass
+class TeacherConfig:
+    """The small frozen pretrained model, colocated with the target's stage that owns layer k."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    load: Optional[str] = None  # a megatron-let checkpoint directory (model weights only are read)
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+
+
+# Paper §3.3: the six layer-pairing strategies, as (teacher layer, target layer) choices.
+# "early" is layer 3 (Appendix B/J), "middle" is L//2, "last"/"final" is L.
+LAYER_STRATEGIES = ("L2E", "L2M", "L2L", "M2E", "M2M", "M2L")
+
+
+@dataclass
+class AlignmentConfig:
+    """LET's alignment term (Eq. 4–7) and its schedule (Eq. 5)."""
+
+    enabled: bool = True
+    strategy: Optional[str] = None  # L2E | L2M | L2L | M2E | M2M | M2L (sets the two layers below)
+    target_layer: int = 3  # 1-based layer k of the target whose output is aligned
+    teacher_layer: Optional[int] = None  # 1-based; None = the final hidden state (after the final norm)
+    lambda0: float = 0.1
+    stop_step: int = 1500  # S_stop: λ reaches 0 here and the teacher is released
+    loss: str = "cosine"  # cosine (Eq. 4/7) | logsum (Appendix H)
+    logsum_exponent: float = 4.0
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+
+
+@dataclass
+class TrainingConfig:
+    micro_batch_size: int = 2
+    global_batch_size: int = 8
+    seq_length: int = 128
+    train_iters: int = 100
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    seed: int = 1234
+    exit_signal_handler: bool = True  # SIGTERM: save after the current step and exit 0
+
+
+@dataclass
+class OptimizerConfig:
+    """Paper Appendix B defaults: AdamW (0.9, 0.999), wd 0.01, clip 1.0, cosine to 10% of peak."""
+
+    lr: float = 4e-4
+    min_lr: Optional[float] = None  # None = 10% of lr
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    lr_warmup_fraction: float = 0.1
+    lr_decay_style: str = "cosine"  # cosine | linear | constant
+
+
+@dataclass
+class DataConfig:
+    # Megatron-LM's --data-path: "prefix" or "weight prefix weight prefix ..." (a blend).
+    data_path: list = field(default_factory=list)
+    split: str = "969,30,1"
+    mock_data: bool = False  # megatron's MockGPTDataset (no files; for smoke runs only)
+    eod_token_id: Optional[int] = None  # None = model.vocab_size - 1
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+    eod_mask_loss: bool = False
+    num_workers: int = 0
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 10
+    tensorboard_dir: Optional[str] = None
+    jsonl_path: Optional[str] = None  # default: <save>/metrics.jsonl when save is set
+
+
+@dataclass
+class CheckpointConfig:
+    save: Optional[str] = None
+    load: Optional[str] = None
+    save_interval: Optional[int] = None  # None = only at the end (and on SIGTERM)
+
+
+@dataclass
+class EvalConfig:
+    eval_interval: Optional[int] = None  # None = no periodic evaluation
+    eval_iters: int = 10
+    test_at_end: bool = True
+
+
+@dataclass
+class LETConfig:
+    device: str = "cuda"  # cuda | cpu (gloo, the CPU development/CI mode)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: Optional[TeacherConfig] = None  # None: plain NLL pretraining
+    alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def alignment_active(self) -> bool:
+        return self.teacher is not None and self.alignment.enabled and self.alignment.lambda0 > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+class _Where:
+    """Maps dotted keys to 'file:line' for error messages."""
+
+    def __init__(self, source: str, lines: dict[str, int]):
+        self.source, self.lines = source, lines
+
+    def __call__(self, key: str) -> str:
+        line = self.lines.get(key)
+        return f"{self.source}:{line}" if line else self.source
+
+
+def _key_lines(node, prefix: str = "") -> dict[str, int]:
+    lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{prefix}{key_node.value}"
+            lines[key] = key_node.start_mark.line + 1
+            lines.update(_key_lines(value_node, key + "."))
+    return lines
+
+
+def _coerce(value: Any, annotation: Any, key: str, where: _Where) -> Any:
+    """Check (and minimally coerce) a YAML value against a dataclass field's type."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, options[0], key, where)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where(key)}: {key}: expected a mapping, got {value!r}")
+        return _build(annotation, value, key + ".", where)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where(key)}: {key}: expected true/false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where(key)}: {key}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            # YAML reads "4e-4" as a string; accept it as a number.
+            try:
+                return float(value) if isinstance(value, str) else _fail()
+            except (TypeError, ValueError):
+                raise ConfigError(f"{where(key)}: {key}: expected a number, got {value!r}") from None
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where(key)}: {key}: expected a string, got {value!r}")
+        return value
+    if annotation is list:
+        if isinstance(value, str):
+            return value.split()
+        if not isinstance(value, list):
+            raise ConfigError(f"{where(key)}: {key}: expected a list, got {value!r}")
+        return [str(v) for v in value]
+    return value
+
+
+def _fail():
+    raise TypeError
+
+
+def _build(cls, raw: dict, prefix: str, where: _Where):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ConfigError(f"{where(dotted)}: {dotted}: unknown key{hint}")
+        kwargs[key] = _coerce(value, hints[key], dotted, where)
+    return cls(**kwargs)
+
+
+def _apply_override(raw: dict, assignment: str) -> str:
+    """``a.b.c=value`` (value parsed as YAML) into the raw dict; returns the dotted key."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key=value")
+    key, text = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part} is not a mapping")
+    node[parts[-1]] = yaml.safe_load(text)
+    return key.strip()
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> LETConfig:
+    """Read a YAML config (and ``key=value`` overrides), validate it, and return an LETConfig."""
+    raw: dict = {}
+    lines: dict[str, int] = {}
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read config: {err.strerror}") from None
+        try:
+            node = yaml.compose(text)
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        lines = _key_lines(node)
+    for assignment in overrides or []:
+        key = _apply_override(raw, assignment)
+        lines[key] = 0
+    where = _Where(source, lines)
+    where_set = lambda key: "--set" if lines.get(key) == 0 else where(key)  # noqa: E731
+    cfg = _build(LETConfig, raw, "", where_set)
+    validate(cfg, where_set)
+    return cfg
+
+
+def validate(cfg: LETConfig, where=lambda key: "config") -> None:
+    """Cross-field checks. Each error names the offending key."""
+
+    def bad(key: str, message: str):
+        raise ConfigError(f"{where(key)}: {key}: {message}")
+
+    choices = {
+        "device": (cfg.device, ("cuda", "cpu")),
+        "training.precision": (cfg.training.precision, ("auto", "bf16", "fp16", "fp32")),
+        "alignment.loss": (cfg.alignment.loss, ("cosine", "logsum")),
+        "optimizer.lr_decay_style": (cfg.optimizer.lr_decay_style, ("cosine", "linear", "constant")),
+    }
+    for prefix, model in (("model", cfg.model),) + (
+        (("teacher.model", cfg.teacher.model),) if cfg.teacher else ()
+    ):
+        choices[f"{prefix}.normalization"] = (model.normalization, ("RMSNorm", "LayerNorm"))
+        choices[f"{prefix}.activation"] = (model.activation, ("swiglu", "gelu", "relu", "silu"))
+        choices[f"{prefix}.position_embedding_type"] = (
+            model.position_embedding_type,
+            ("rope", "learned_absolute", "none"),
+        )
+    if cfg.teacher:
+        choices["teacher.precision"] = (cfg.teacher.precision, ("auto", "bf16", "fp32"))
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            bad(key, f"{value!r} is not one of {', '.join(allowed)}")
+
+    tp = cfg.parallel.tensor_model_parallel_size
+    pp = cfg.parallel.pipeline_model_parallel_size
+    for key, value in (
+        ("parallel.tensor_model_parallel_size", tp),
+        ("parallel.pipeline_model_parallel_size", pp),
+        ("training.micro_batch_size", cfg.training.micro_batch_size),
+        ("training.seq_length", cfg.training.seq_length),
+    ):
+        if value < 1:
+            bad(key, f"must be >= 1, got {value}")
+    if cfg.training.train_iters < 0:
+        bad("training.train_iters", "must be >= 0")
+
+    _validate_model("model", cfg.model, tp, bad)
+    if cfg.model.num_layers % pp:
+        bad("parallel.pipeline_model_parallel_size",
+            f"{pp} stages cannot split model.num_layers={cfg.model.num_layers} evenly")
+    vpp = cfg.parallel.virtual_pipeline_model_parallel_size
+    if vpp is not None and (pp < 2 or cfg.model.num_layers % (pp * vpp)):
+        bad("parallel.virtual_pipeline_model_parallel_size",
+            f"needs pipeline_model_parallel_size >= 2 and num_layers divisible by pp*vpp ({pp}*{vpp})")
+    if cfg.parallel.sequence_parallel and tp == 1:
+        bad("parallel.sequence_parallel", "needs tensor_model_parallel_size > 1")
+    if cfg.training.seq_length > cfg.model.max_position_embeddings:
+        bad("training.seq_length",
+            f"{cfg.training.seq_length} exceeds model.max_position_embeddings={cfg.model.max_position_embeddings}")
+    if cfg.parallel.sequence_parallel and cfg.training.seq_length % tp:
+        bad("training.seq_length", f"sequence parallel needs it divisible by tensor_model_parallel_size={tp}")
+
+    align = cfg.alignment
+    if align.strategy is not None:
+        if align.strategy not in LAYER_STRATEGIES:
+            bad("alignment.strategy", f"{align.strategy!r} is not one of {', '.join(LAYER_STRATEGIES)}")
+    if cfg.teacher is not None and not 1 <= align.target_layer <= cfg.model.num_layers:
+        bad("alignment.target_layer",
+            f"layer {align.target_layer} does not exist: the target has model.num_layers={cfg.model.num_layers}")
+    if align.lambda0 < 0:
+        bad("alignment.lambda0", "must be >= 0")
+    if align.stop_step < 1:
+        bad("alignment.stop_step", "must be >= 1")
+
+    if cfg.teacher is not None:
+        teacher = cfg.teacher.model
+        _validate_model("teacher.model", teacher, None, bad)
+        if teacher.vocab_size != cfg.model.vocab_size:
+            bad("teacher.model.vocab_size",
+                f"{teacher.vocab_size} differs from model.vocab_size={cfg.model.vocab_size}: teacher and "
+                "target must share a tokenizer")
+        if align.teacher_layer is not None and not 1 <= align.teacher_layer <= teacher.num_layers:
+            bad("alignment.teacher_layer",
+                f"layer {align.teacher_layer} does not exist: the teacher has {teacher.num_layers} layers")
+        if cfg.training.seq_length > teacher.max_position_embeddings:
+            bad("teacher.model.max_position_embeddings",
+                f"{teacher.max_position_embeddings} is shorter than training.seq_length={cfg.training.seq_length}")
+
+    dp_unit = cfg.training.micro_batch_size
+    if cfg.training.global_batch_size % dp_unit:
+        bad("training.global_batch_size",
+            f"{cfg.training.global_batch_size} is not a multiple of micro_batch_size={dp_unit}")
+    if not cfg.data.data_path and not cfg.data.mock_data and cfg.training.train_iters > 0:
+        bad("data.data_path", "no data: give an indexed-dataset prefix (or a blend), or set data.mock_data")
+
+
+def _validate_model(prefix: str, model: ModelConfig, tp: Optional[int], bad) -> None:
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size"):
+        if getattr(model, name) < 1:
+            bad(f"{prefix}.{name}", f"must be >= 1, got {getattr(model, name)}")
+    heads, groups = model.num_attention_heads, model.num_query_groups or model.num_attention_heads
+    if model.kv_channels is None and model.hidden_size % heads:
+        bad(f"{prefix}.num_attention_heads",
+            f"{heads} heads do not divide hidden_size={model.hidden_size} (or set kv_channels)")
+    if heads % groups:
+        bad(f"{prefix}.num_query_groups", f"{groups} groups do not divide num_attention_heads={heads}")
+    if tp is not None and (heads % tp or groups % tp):
+        bad(f"{prefix}.num_attention_heads",
+            f"tensor_model_parallel_size={tp} cannot split {heads} heads / {groups} query groups")
+    if model.position_embedding_type == "rope" and not 0 < model.rotary_percent <= 1:
+        bad(f"{prefix}.rotary_percent", "must be in (0, 1]")
+
+
+def resolve_layers(cfg: LETConfig) -> tuple[int, Optional[int]]:
+    """(target layer k, teacher layer or None for the final hidden state), 1-based.
+
+    A named strategy (paper §3.3) overrides the explicit layers: E = layer 3 (the paper's early
+    layer, or the last layer if the target is shallower), M = the middle layer, L = the last layer;
+    the teacher's L is its final hidden state.
+    """
+    align = cfg.alignment
+    if align.strategy is None:
+        return align.target_layer, align.teacher_layer
+    source, _, dest = align.strategy
+    n_target = cfg.model.num_layers
+    target = {"E": min(3, n_target), "M": max(1, n_target // 2), "L": n_target}[dest]
+    teacher = None
+    if source == "M":
+        teacher = max(1, cfg.teacher.model.num_layers // 2) if cfg.teacher else None
+    return target, teacher
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

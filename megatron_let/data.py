@@ -1,0 +1,107 @@
+"""Megatron indexed datasets → microbatches, exactly as Megatron-LM feeds them.
+
+``GPTDataset`` through ``BlendedMegatronDatasetBuilder`` (blends, train/valid/test split), and a
+sampler that gives DP rank r of microbatch m of a global batch the samples Megatron-LM's
+``MegatronPretrainingSampler`` would: resuming from ``consumed_samples`` continues the same order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+from megatron.core.datasets.utils import get_blend_from_list
+
+from megatron_let.config import LETConfig
+
+
+@dataclass
+class SpecialTokens:
+    """What GPTDataset needs of a tokenizer: its vocabulary size, EOD id and (optional) pad id."""
+
+    vocab_size: int
+    eod: int
+    pad: int = -1
+
+    @property
+    def unique_identifiers(self) -> dict:
+        # GPTDataset hashes this into its index-cache key.
+        return {"class": "SpecialTokens", "vocab_size": self.vocab_size, "eod": self.eod, "pad": self.pad}
+
+
+def _check_prefixes(paths: list[str]) -> None:
+    for item in paths:
+        try:
+            float(item)
+            continue  # a blend weight
+        except ValueError:
+            pass
+        for suffix in (".bin", ".idx"):
+            if not Path(item + suffix).exists():
+                raise FileNotFoundError(f"data.data_path: {item}{suffix} does not exist")
+
+
+def build_datasets(cfg: LETConfig, num_samples: tuple[int, int, int]):
+    """(train, valid, test) GPTDatasets (None where the split is empty)."""
+    eod = cfg.data.eod_token_id if cfg.data.eod_token_id is not None else cfg.model.vocab_size - 1
+    tokens = SpecialTokens(vocab_size=cfg.model.vocab_size, eod=eod)
+    if not cfg.data.mock_data:
+        _check_prefixes(cfg.data.data_path)
+    config = GPTDatasetConfig(
+        random_seed=cfg.training.seed,
+        sequence_length=cfg.training.seq_length,
+        blend=None if cfg.data.mock_data else get_blend_from_list(cfg.data.data_path),
+        split=cfg.data.split,
+        tokenizer=tokens,
+        reset_position_ids=cfg.data.reset_position_ids,
+        reset_attention_mask=cfg.data.reset_attention_mask,
+        eod_mask_loss=cfg.data.eod_mask_loss,
+        create_attention_mask=cfg.data.reset_attention_mask,
+        path_to_cache=None,
+        mid_level_dataset_surplus=0.005,
+    )
+    cls = MockGPTDataset if cfg.data.mock_data else GPTDataset
+    return BlendedMegatronDatasetBuilder(cls, list(num_samples), lambda: True, config).build()
+
+
+class PretrainingSampler:
+    """Yields this DP rank's sample indices, one microbatch at a time, from ``consumed_samples``.
+
+    Megatron-LM's order: each "data-parallel batch" of ``micro_batch_size × dp`` consecutive
+    samples is split into contiguous ``micro_batch_size`` chunks, chunk r for DP rank r.
+    """
+
+    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
+                 dp_rank: int, dp_size: int):
+        self.total_samples = total_samples
+        self.consumed_samples = consumed_samples
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        span = self.micro_batch_size * self.dp_size
+        start = self.consumed_samples
+        while start + span <= self.total_samples:
+            first = start + self.dp_rank * self.micro_batch_size
+            yield list(range(first, first + self.micro_batch_size))
+            start += span
+
+
+def microbatches(dataset, sampler: PretrainingSampler, device) -> Iterator[dict]:
+    """Collated microbatches on ``device``: tokens/labels/loss_mask/position_ids [b, s]."""
+    for indices in sampler:
+        samples = [dataset[i] for i in indices]
+        batch = {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+        yield {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+def make_iterator(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+                  device, total_samples: Optional[int] = None) -> Iterator[dict]:
+    total = len(dataset) if total_samples is None else min(total_samples, len(dataset))
+    sampler = PretrainingSampler(total, consumed_samples, micro_batch_size, dp_rank, dp_size)
+    return microbatches(dataset, sampler, device)

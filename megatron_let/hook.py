@@ -1,0 +1,166 @@
+"""The pipeline-stage-aware alignment hook.
+
+* :func:`layer_owner` says which pipeline stage (and virtual chunk) builds global layer k, using
+  megatron-core's own layer-offset logic, so uneven / interleaved layouts agree with the model.
+* :class:`AlignmentHook` sits on that ``TransformerLayer`` as a forward hook. For each microbatch
+  it takes the layer's output (the local sequence shard under sequence parallelism), computes
+  λ·L_align against the teacher's hidden states, and ties it to the activation with
+  :class:`AlignmentLossScaler`, so the alignment gradient flows in the same, single backward pass
+  as the LM loss, before megatron's gradient reduction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron.core import parallel_state
+from megatron.core.transformer.transformer_block import get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+from megatron_let.alignment import cosine_similarity, logsum_distance
+
+
+def layer_owner(config: TransformerConfig, layer: int) -> tuple[int, Optional[int]]:
+    """(pipeline rank, virtual stage or None) that builds 1-based global layer ``layer``."""
+    pp = config.pipeline_model_parallel_size
+    vpp = config.virtual_pipeline_model_parallel_size
+    for pp_rank in range(pp):
+        for vp_stage in range(vpp) if vpp else [None]:
+            offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
+            count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+            if offset < layer <= offset + count:
+                return pp_rank, vp_stage
+    raise ValueError(f"layer {layer} is not built by any pipeline stage (num_layers={config.num_layers})")
+
+
+class AlignmentLossScaler(torch.autograd.Function):
+    """Identity on the activation; in backward, seeds the alignment loss with ``scale``.
+
+    The MoEAuxLossAutoScaler pattern: the aux loss never joins the scalar LM loss (it may live
+    on another pipeline stage), yet its gradient enters the same backward pass. ``scale`` is
+    what megatron applies to the main loss: grad_scale_func(1) / num_microbatches.
+    """
+
+    @staticmethod
+    def forward(ctx, activation: torch.Tensor, aux_loss: torch.Tensor, scale: torch.Tensor):
+        ctx.save_for_backward(scale)
+        ctx.aux_shape = aux_loss.shape
+        return activation
+
+    @staticmethod
+    def backward(ctx, grad_activation: torch.Tensor):
+        (scale,) = ctx.saved_tensors
+        aux_grad = scale.to(grad_activation.device).reshape(()).expand(ctx.aux_shape).clone()
+        return grad_activation, aux_grad, None
+
+
+@dataclass
+class AlignmentMetrics:
+    """Sums over the microbatches of one step, on this rank: (Σ loss·tokens, Σ cos·tokens, tokens)."""
+
+    loss_sum: float = 0.0
+    cosine_sum: float = 0.0
+    tokens: float = 0.0
+
+
+class AlignmentHook:
+    """Forward hook on the target's layer k. Only the stage that owns layer k creates one."""
+
+    def __init__(self, layer: torch.nn.Module, loss: str = "cosine", logsum_exponent: float = 4.0,
+                 sequence_parallel: bool = False):
+        self.layer = layer
+        self.loss = loss
+        self.logsum_exponent = logsum_exponent
+        self.sequence_parallel = sequence_parallel
+        self._pending: Optional[tuple] = None
+        self.metrics = AlignmentMetrics()
+        self._handle = layer.register_forward_hook(self._hook)
+
+    def prepare(self, teacher_hidden: torch.Tensor, loss_mask: Optional[torch.Tensor], weight: float,
+                scale: torch.Tensor) -> None:
+        """Arm the hook for the next forward of layer k.
+
+        teacher_hidden: [s, b, d_T] full sequence; loss_mask: [b, s] (1 = counted) or None;
+        weight: λ at this step; scale: the main loss's gradient scale for this microbatch.
+        """
+        self._pending = (teacher_hidden, loss_mask, weight, scale)
+
+    def _local_sequence(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This TP rank's sequence shard of a [s, ...] tensor (sequence parallelism)."""
+        if not self.sequence_parallel:
+            return tensor
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        size = parallel_state.get_tensor_model_parallel_world_size()
+        chunk = tensor.shape[0] // size
+        return tensor[rank * chunk:(rank + 1) * chunk]
+
+    def _hook(self, module, inputs, output):
+        if self._pending is None:
+            return output  # e.g. evaluation, or no teacher for this microbatch
+        teacher_hidden, loss_mask, weight, scale = self._pending
+        self._pending = None
+        hidden = output[0] if isinstance(output, tuple) else output
+        if not torch.is_grad_enabled():
+            return output
+
+        teacher_local = self._local_sequence(teacher_hidden)  # [s_local, b, d_T]
+        if loss_mask is None:
+            mask_local = torch.ones(hidden.shape[:2], device=hidden.device)
+            total_tokens = float(teacher_hidden.shape[0] * teacher_hidden.shape[1])
+        else:
+            mask_local = self._local_sequence(loss_mask.t().to(hidden.device, torch.float32))
+            total_tokens = float(loss_mask.sum().clamp(min=1))
+
+        cos = cosine_similarity(hidden, teacher_local)  # [s_local, b], fp32
+        if self.loss == "cosine":
+            per_token = -cos
+        else:
+            per_token = logsum_distance(hidden, teacher_local, self.logsum_exponent)
+        # Local sum over the global token count: summed over TP shards (SP) this is the
+        # per-token mean of the whole microbatch.
+        local_loss = (per_token * mask_local).sum() / total_tokens
+        aux = weight * local_loss
+
+        with torch.no_grad():
+            m = self.metrics
+            shard_tokens = float(mask_local.sum())
+            m.loss_sum += float(local_loss) * total_tokens
+            m.cosine_sum += float((cos * mask_local).sum())
+            m.tokens += shard_tokens
+
+        hidden = AlignmentLossScaler.apply(hidden, aux, scale)
+        if isinstance(output, tuple):
+            return (hidden,) + tuple(output[1:])
+        return hidden
+
+    def take_metrics(self) -> AlignmentMetrics:
+        metrics, self.metrics = self.metrics, AlignmentMetrics()
+        return metrics
+
+    def remove(self) -> None:
+        self._handle.remove()
+        self._pending = None
+
+
+def find_layer(model_chunks: list, layer_number: int) -> Optional[torch.nn.Module]:
+    """The TransformerLayer with global 1-based ``layer_number`` among this rank's chunks."""
+    from megatron_let.model import unwrap
+
+    for chunk in model_chunks:
+        decoder = getattr(unwrap(chunk), "decoder", None)
+        for layer in getattr(decoder, "layers", []):
+            if layer.layer_number == layer_number:
+                return layer
+    return None
+
+
+def main_loss_scale(config: TransformerConfig, num_microbatches: int, device) -> torch.Tensor:
+    """The factor megatron applies to each microbatch's LM loss before backward."""
+    one = torch.ones(1, device=device)
+    scale = config.grad_scale_func(one) if config.grad_scale_func is not None else one
+    return scale / num_microbatches
+

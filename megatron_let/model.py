@@ -1,0 +1,285 @@
+"""GPTModel builders and layer specs: Transformer Engine on GPU, local modules otherwise."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core import parallel_state
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlock,
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from megatron_let.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+_ACTIVATIONS = {
+    "swiglu": (F.silu, True),
+    "silu": (F.silu, False),
+    "gelu": (F.gelu, False),
+    "relu": (F.relu, False),
+}
+
+
+def transformer_engine_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # TE without CUDA libraries fails with OSError, not ImportError
+        return False
+    return True
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron-LM's padding: a multiple of ``make_vocab_size_divisible_by * TP``."""
+    multiple = divisible_by * tp
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def transformer_config(
+    model: ModelConfig,
+    *,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    virtual_pipeline_parallel: Optional[int] = None,
+    sequence_parallel: bool = False,
+    params_dtype: torch.dtype = torch.float32,
+    on_cpu: bool = False,
+) -> TransformerConfig:
+    activation, gated = _ACTIVATIONS[model.activation]
+    bf16 = params_dtype == torch.bfloat16
+    fp16 = params_dtype == torch.float16
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        ffn_hidden_size=model.ffn_hidden_size or 4 * model.hidden_size,
+        kv_channels=model.kv_channels,
+        normalization=model.normalization,
+        layernorm_epsilon=model.layernorm_epsilon,
+        activation_func=activation,
+        gated_linear_unit=gated,
+        add_bias_linear=model.add_bias_linear,
+        add_qkv_bias=model.add_qkv_bias,
+        init_method_std=model.init_method_std,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_parallel,
+        sequence_parallel=sequence_parallel,
+        params_dtype=params_dtype,
+        bf16=bf16,
+        fp16=fp16,
+        pipeline_dtype=params_dtype,
+        autocast_dtype=params_dtype,
+        use_cpu_initialization=on_cpu,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        deallocate_pipeline_outputs=not on_cpu,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Local (non-TE) modules. They run anywhere, so they also serve the CPU mode.
+
+
+class Norm(torch.nn.Module):
+    """LayerNorm / RMSNorm over the last dimension, sequence-parallel aware.
+
+    megatron's torch fallback refuses sequence parallelism; the only thing SP needs from a norm
+    is that its weights are flagged so finalize_model_grads all-reduces their grads across TP.
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_unused):
+        super().__init__()
+        self.rms = config.normalization == "RMSNorm"
+        self.eps = eps
+        dtype = config.params_dtype
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=dtype))
+        self.bias = None if self.rms else torch.nn.Parameter(torch.zeros(hidden_size, dtype=dtype))
+        for param in self.parameters():
+            setattr(param, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rms:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+
+class SDPAttention(MegatronModule):
+    """Core attention through ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Same interface as megatron's ``DotProductAttention`` (which allocates a CUDA buffer):
+    query [sq, b, np, hn], key/value [sk, b, ng, hn] → context [sq, b, np·hn].
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str = "self",
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        **_unused,
+    ):
+        super().__init__(config=config)
+        self.attn_mask_type = attn_mask_type
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.softmax_scale = softmax_scale
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if packed_seq_params is not None or attention_bias is not None:
+            raise NotImplementedError("SDPAttention supports neither packed sequences nor attention bias")
+        groups = query.shape[2] // key.shape[2]
+        if groups > 1:
+            key = key.repeat_interleave(groups, dim=2)
+            value = value.repeat_interleave(groups, dim=2)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, np, s, hn]
+        mask_type = attn_mask_type or self.attn_mask_type
+        causal = mask_type == AttnMaskType.causal
+        mask = None
+        if not causal and attention_mask is not None:
+            mask = ~attention_mask  # megatron's masks are True where attention is *blocked*
+        context = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal,
+            dropout_p=self.dropout if self.training else 0.0, scale=self.softmax_scale,
+        )
+        sq, b = query.shape[0], query.shape[1]
+        return context.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+
+def local_layer_spec() -> ModuleSpec:
+    """A Llama/GPT layer from megatron-core's own parallel linears + our Norm and SDPAttention."""
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=Norm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=SDPAttention,
+                    linear_proj=RowParallelLinear,
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=Norm,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+            ),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def decoder_block_spec(config: TransformerConfig, use_te: bool, vp_stage: Optional[int],
+                       pp_rank: int) -> ModuleSpec:
+    """This stage's decoder: its layers and the final norm (TE's, or our SP-aware Norm; megatron's
+    default torch norm refuses sequence parallelism)."""
+    if use_te:
+        from megatron.core.extensions.transformer_engine import TENorm
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        layer, final_norm = get_gpt_layer_with_transformer_engine_spec(), TENorm
+    else:
+        layer, final_norm = local_layer_spec(), Norm
+    count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return ModuleSpec(
+        module=TransformerBlock,
+        submodules=TransformerBlockSubmodules(layer_specs=[layer] * count, layer_norm=final_norm),
+    )
+
+
+def build_gpt(
+    model: ModelConfig,
+    config: TransformerConfig,
+    *,
+    use_te: bool,
+    tensor_parallel: int,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: Optional[int] = None,
+    pg_collection=None,
+) -> GPTModel:
+    """One GPTModel (one pipeline stage / virtual chunk of it)."""
+    if pg_collection is not None:
+        pp_rank = torch.distributed.get_rank(pg_collection.pp)
+    else:
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    gpt = GPTModel(
+        config=config,
+        transformer_layer_spec=decoder_block_spec(config, use_te, vp_stage, pp_rank),
+        vocab_size=padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, tensor_parallel),
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
+        position_embedding_type=model.position_embedding_type,
+        rotary_percent=model.rotary_percent,
+        rotary_base=model.rotary_base,
+        vp_stage=vp_stage,
+        pg_collection=pg_collection,
+    )
+    return gpt
+
+
+def unwrap(module: torch.nn.Module) -> GPTModel:
+    """The GPTModel inside megatron's DDP / Float16Module wrappers."""
+    while not isinstance(module, GPTModel) and hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def count_parameters(model: ModelConfig) -> dict:
+    """Parameter counts of the full (unsharded) model, from its config alone."""
+    h, L = model.hidden_size, model.num_layers
+    heads = model.num_attention_heads
+    groups = model.num_query_groups or heads
+    kv = model.kv_channels or h // heads
+    ffn = model.ffn_hidden_size or 4 * h
+    gated = model.activation == "swiglu"
+    bias = model.add_bias_linear
+    norm = h if model.normalization == "RMSNorm" else 2 * h
+    qkv = h * (heads + 2 * groups) * kv + ((heads + 2 * groups) * kv if (bias or model.add_qkv_bias) else 0)
+    proj = heads * kv * h + (h if bias else 0)
+    fc1 = h * ffn * (2 if gated else 1) + (ffn * (2 if gated else 1) if bias else 0)
+    fc2 = ffn * h + (h if bias else 0)
+    per_layer = qkv + proj + fc1 + fc2 + 2 * norm
+    vocab = model.vocab_size
+    embedding = vocab * h + (model.max_position_embeddings * h
+                             if model.position_embedding_type == "learned_absolute" else 0)
+    output = vocab * h if model.untie_embeddings_and_output_weights else 0
+    non_embedding = L * per_layer + norm
+    return {"non_embedding": non_embedding, "embedding": embedding + output,
+            "total": non_embedding + embedding + output}

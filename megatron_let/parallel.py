@@ -1,0 +1,101 @@
+"""Process groups: torch.distributed + megatron's parallel_state, for torchrun launches."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+from megatron.core import parallel_state, tensor_parallel
+
+from megatron_let import cpu
+from megatron_let.config import LETConfig
+
+logger = logging.getLogger(__name__)
+
+_SINGLETON_GROUP = None
+
+
+def init_distributed(cfg: LETConfig) -> None:
+    """Initialise torch.distributed from torchrun's environment (or a 1-process world) and
+    megatron's tensor × pipeline × data parallel groups."""
+    on_cpu = cfg.device == "cpu"
+    if on_cpu:
+        cpu.enable_cpu_mode()
+    elif not torch.cuda.is_available():
+        raise RuntimeError("device: cuda, but CUDA is not available (use device: cpu for the CPU mode)")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if not on_cpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        dist.init_process_group(
+            backend="gloo" if on_cpu else "nccl",
+            world_size=world_size,
+            rank=rank,
+            timeout=datetime.timedelta(minutes=10),
+        )
+    tp = cfg.parallel.tensor_model_parallel_size
+    pp = cfg.parallel.pipeline_model_parallel_size
+    if world_size % (tp * pp):
+        raise RuntimeError(
+            f"world size {world_size} is not divisible by tensor_model_parallel_size ({tp}) × "
+            f"pipeline_model_parallel_size ({pp})"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=cfg.parallel.virtual_pipeline_model_parallel_size,
+        create_gloo_process_groups=on_cpu,
+    )
+    seed_everything(cfg.training.seed, on_cpu)
+    _make_singleton_groups()
+
+
+def seed_everything(seed: int, on_cpu: bool) -> None:
+    """Same seed on every rank (weights are initialised from the full tensor, then split)."""
+    if on_cpu:
+        cpu.init_rng(seed)
+    else:
+        torch.manual_seed(seed)
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def _make_singleton_groups() -> None:
+    """A one-rank group per rank, for modules that must not communicate (a replicated teacher).
+    new_group is collective, so every rank creates every group."""
+    global _SINGLETON_GROUP
+    for r in range(dist.get_world_size()):
+        group = dist.new_group([r])
+        if r == dist.get_rank():
+            _SINGLETON_GROUP = group
+
+
+def singleton_group():
+    assert _SINGLETON_GROUP is not None, "init_distributed() first"
+    return _SINGLETON_GROUP
+
+
+def world_info() -> dict:
+    return {
+        "rank": dist.get_rank(),
+        "world_size": dist.get_world_size(),
+        "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+        "pp_rank": parallel_state.get_pipeline_model_parallel_rank(),
+        "dp_rank": parallel_state.get_data_parallel_rank(),
+        "dp_size": parallel_state.get_data_parallel_world_size(),
+    }
+
+
+def shutdown() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

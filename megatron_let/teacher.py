@@ -1,0 +1,109 @@
+"""The colocated small teacher: build, load, run, release.
+
+A frozen megatron-core ``GPTModel`` with its own architecture. It lives only on the pipeline stage
+that owns the target's layer k, is never pipelined, and is tensor-parallel over that stage's TP
+group when its heads divide TP (otherwise every TP rank holds a full replica). It runs under
+``no_grad`` in eval mode, has no optimizer state and is never part of the target's checkpoint.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron.core import parallel_state
+from megatron.core.process_groups_config import ProcessGroupCollection
+
+from megatron_let import parallel
+from megatron_let.config import TeacherConfig
+from megatron_let.model import build_gpt, transformer_config
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TeacherLayout:
+    tensor_parallel: int  # 1 = replicated on each TP rank
+    replicated_reason: Optional[str] = None
+
+
+def teacher_layout(cfg: TeacherConfig, tp: int) -> TeacherLayout:
+    heads = cfg.model.num_attention_heads
+    groups = cfg.model.num_query_groups or heads
+    if tp > 1 and (heads % tp or groups % tp):
+        return TeacherLayout(1, f"its {heads} heads / {groups} query groups do not divide TP={tp}")
+    return TeacherLayout(tp)
+
+
+class Teacher:
+    """Runs the frozen teacher and returns the hidden states LET aligns to."""
+
+    def __init__(self, cfg: TeacherConfig, *, teacher_layer: Optional[int], on_cpu: bool, use_te: bool):
+        self.cfg = cfg
+        self.teacher_layer = teacher_layer  # None: final hidden state, after the final norm
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.layout = teacher_layout(cfg, tp)
+        if self.layout.replicated_reason:
+            logger.warning("teacher replicated on each of the %d TP ranks: %s", tp, self.layout.replicated_reason)
+        precision = cfg.precision
+        if precision == "auto":
+            precision = "fp32" if on_cpu else "bf16"
+        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+
+        pgs = ProcessGroupCollection.use_mpu_process_groups(["tp", "pp", "cp", "embd", "pos_embd", "tp_cp", "mp"])
+        own = parallel.singleton_group()
+        pgs.pp = own  # never pipelined: the owning stage runs all of it
+        pgs.embd = own
+        pgs.pos_embd = own
+        if self.layout.tensor_parallel == 1:
+            pgs.tp = own
+            pgs.tp_cp = own
+            pgs.mp = own
+        config = transformer_config(
+            cfg.model,
+            tensor_parallel=self.layout.tensor_parallel,
+            params_dtype=self.dtype,
+            on_cpu=on_cpu,
+        )
+        self.model = build_gpt(
+            cfg.model, config, use_te=use_te, tensor_parallel=self.layout.tensor_parallel,
+            pg_collection=pgs,
+        )
+        if not on_cpu:
+            self.model.cuda(torch.cuda.current_device())
+        self.model.eval()
+        self.model.requires_grad_(False)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.cfg.model.hidden_size
+
+    @torch.no_grad()
+    def hidden_states(self, tokens: torch.Tensor, position_ids: torch.Tensor,
+                      attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """[s, b, d_T] hidden states for tokens [b, s]: the final one (after the final norm, where
+        Hugging Face's ``hidden_states[-1]`` is) or that of ``teacher_layer``. The output head is
+        never run: LET needs no teacher logits."""
+        gpt = self.model
+        hidden = gpt.embedding(input_ids=tokens, position_ids=position_ids)
+        rotary = None
+        if gpt.position_embedding_type == "rope":
+            rotary = gpt.rotary_pos_emb(tokens.shape[1])
+        layers = gpt.decoder.layers
+        stop = len(layers) if self.teacher_layer is None else self.teacher_layer
+        for layer in layers[:stop]:
+            hidden, _ = layer(hidden, attention_mask=attention_mask, rotary_pos_emb=rotary)
+        if self.teacher_layer is None and gpt.decoder.final_layernorm is not None:
+            hidden = gpt.decoder.final_layernorm(hidden)
+        return hidden
+
+    def release(self) -> None:
+        """Free the teacher's memory: after S_stop it is never needed again."""
+        del self.model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,531 @@
+"""The LET trainer: ``megatron-let train --config FILE.yaml [--set key=value ...]`` under torchrun.
+
+Read top to bottom: :meth:`Trainer.__init__` builds everything (process groups, target model
+chunks, megatron DDP, optimizer, scheduler, data, teacher + hook on the stage that owns layer k,
+checkpoint resume); :meth:`Trainer.train` is the loop; :meth:`Trainer.train_step` is one step of
+megatron's ``forward_backward_func`` (1F1B with PP) + optimizer step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
+
+from megatron_let import checkpoint, parallel
+from megatron_let.alignment import alignment_weight
+from megatron_let.config import LETConfig, load_config, resolve_layers, to_dict
+from megatron_let.data import build_datasets, make_iterator
+from megatron_let.hook import AlignmentHook, find_layer, layer_owner, main_loss_scale
+from megatron_let.model import build_gpt, transformer_config, transformer_engine_available, unwrap
+from megatron_let.teacher import Teacher
+
+logger = logging.getLogger("megatron_let")
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(cfg: LETConfig) -> str:
+    if cfg.training.precision != "auto":
+        return cfg.training.precision
+    return "fp32" if cfg.device == "cpu" else "bf16"
+
+
+class MetricsLogger:
+    """stdout + JSONL + TensorBoard, on global rank 0 (metrics are all-reduced beforehand)."""
+
+    def __init__(self, cfg: LETConfig):
+        self.active = dist.get_rank() == 0
+        self.jsonl = None
+        self.tensorboard = None
+        if not self.active:
+            return
+        path = cfg.logging.jsonl_path
+        if path is None and cfg.checkpoint.save:
+            path = str(Path(cfg.checkpoint.save) / "metrics.jsonl")
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(path, "a")
+        if cfg.logging.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(cfg.logging.tensorboard_dir)
+
+    def log(self, record: dict, console: Optional[str] = None) -> None:
+        if not self.active:
+            return
+        if console:
+            print(console, flush=True)
+        if self.jsonl:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+        if self.tensorboard:
+            step = record.get("iteration", 0)
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "iteration" and value is not None:
+                    self.tensorboard.add_scalar(f"{record.get('split', 'train')}/{key}", value, step)
+            self.tensorboard.flush()
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tensorboard:
+            self.tensorboard.close()
+
+
+class Trainer:
+    def __init__(self, cfg: LETConfig):
+        self.cfg = cfg
+        parallel.init_distributed(cfg)
+        self.on_cpu = cfg.device == "cpu"
+        self.device = torch.device("cpu") if self.on_cpu else torch.device("cuda", torch.cuda.current_device())
+        self.use_te = not self.on_cpu and transformer_engine_available()
+        self.precision = resolve_precision(cfg)
+        if self.on_cpu and self.precision != "fp32":
+            raise ValueError(f"training.precision={self.precision}: the CPU mode trains in fp32")
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        train = cfg.training
+        if train.global_batch_size % (train.micro_batch_size * self.dp_size):
+            raise ValueError(
+                f"training.global_batch_size={train.global_batch_size} is not divisible by "
+                f"micro_batch_size × data-parallel size = {train.micro_batch_size} × {self.dp_size}"
+            )
+        self.num_microbatches = train.global_batch_size // (train.micro_batch_size * self.dp_size)
+        self.iteration = 0
+        self.consumed_samples = 0
+        self.exit_requested = False
+
+        self.model = self._build_model()
+        self.config = self.model[0].config
+        self.optimizer, self.scheduler = self._build_optimizer()
+        self.config.grad_scale_func = self.optimizer.scale_loss
+        self.config.finalize_model_grads_func = finalize_model_grads
+        no_sync = [chunk.no_sync for chunk in self.model]
+        self.config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        self._resume()
+
+        self.target_layer, self.teacher_layer = resolve_layers(cfg)
+        self.teacher: Optional[Teacher] = None
+        self.hook: Optional[AlignmentHook] = None
+        self.hook_chunk = None
+        self.owner_stage = None
+        self.teacher_present = cfg.alignment_active and self.iteration < cfg.alignment.stop_step
+        if self.teacher_present and self.iteration < cfg.alignment.stop_step:
+            self._build_teacher()
+
+        self.datasets = build_datasets(cfg, self._dataset_sizes())
+        self.train_data = self._iterators(self.datasets[0], self.consumed_samples)
+        self.metrics = MetricsLogger(cfg)
+        self._log_setup()
+
+    # ----------------------------------------------------------------------------- building
+
+    def _build_model(self) -> list:
+        cfg = self.cfg
+        par = cfg.parallel
+        config = transformer_config(
+            cfg.model,
+            tensor_parallel=par.tensor_model_parallel_size,
+            pipeline_parallel=par.pipeline_model_parallel_size,
+            virtual_pipeline_parallel=par.virtual_pipeline_model_parallel_size,
+            sequence_parallel=par.sequence_parallel,
+            params_dtype=_DTYPES[self.precision],
+            on_cpu=self.on_cpu,
+        )
+        vpp = par.virtual_pipeline_model_parallel_size
+        chunks = []
+        for vp_stage in range(vpp) if vpp else [None]:
+            chunk = build_gpt(
+                cfg.model, config, use_te=self.use_te, tensor_parallel=par.tensor_model_parallel_size,
+                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+                vp_stage=vp_stage,
+            )
+            if not self.on_cpu:
+                chunk.cuda(torch.cuda.current_device())
+            if self.precision in ("bf16", "fp16"):
+                chunk = Float16Module(config, chunk)
+            chunks.append(chunk)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=par.use_distributed_optimizer,
+        )
+        return [
+            DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=i > 0)
+            for i, chunk in enumerate(chunks)
+        ]
+
+    def _build_optimizer(self):
+        opt, train = self.cfg.optimizer, self.cfg.training
+        config = MegatronOptimizerConfig(
+            optimizer="adam",
+            lr=opt.lr,
+            min_lr=opt.min_lr if opt.min_lr is not None else 0.1 * opt.lr,
+            weight_decay=opt.weight_decay,
+            adam_beta1=opt.adam_beta1,
+            adam_beta2=opt.adam_beta2,
+            adam_eps=opt.adam_eps,
+            clip_grad=opt.clip_grad,
+            bf16=self.precision == "bf16",
+            fp16=self.precision == "fp16",
+            params_dtype=_DTYPES[self.precision],
+            use_distributed_optimizer=self.cfg.parallel.use_distributed_optimizer,
+        )
+        optimizer = get_megatron_optimizer(config, self.model, use_gloo_process_groups=self.on_cpu)
+        decay_steps = max(1, train.train_iters)
+        warmup = min(int(round(opt.lr_warmup_fraction * train.train_iters)), decay_steps - 1)
+        scheduler = OptimizerParamScheduler(
+            optimizer,
+            init_lr=0.0,
+            max_lr=opt.lr,
+            min_lr=config.min_lr,
+            lr_warmup_steps=warmup,
+            lr_decay_steps=decay_steps,
+            lr_decay_style=opt.lr_decay_style,
+            start_wd=opt.weight_decay,
+            end_wd=opt.weight_decay,
+            wd_incr_steps=decay_steps,
+            wd_incr_style="constant",
+        )
+        return optimizer, scheduler
+
+    def _resume(self) -> None:
+        ck = self.cfg.checkpoint
+        if not ck.load:
+            return
+        has_tracker = checkpoint.latest_iteration(ck.load) is not None
+        if not has_tracker and not (Path(ck.load) / "metadata.json").exists():
+            if ck.save and Path(ck.load).resolve() == Path(ck.save).resolve():
+                self._print(f"no checkpoint in {ck.load} yet: starting from scratch")
+                return
+            raise FileNotFoundError(f"checkpoint.load: {ck.load} holds no megatron-let checkpoint")
+        common = checkpoint.load_checkpoint(ck.load, self.model, self.optimizer, self.scheduler)
+        self.iteration = int(common["iteration"])
+        self.consumed_samples = int(common["consumed_samples"])
+        self._print(f"loaded checkpoint {checkpoint.resolve_checkpoint(ck.load)} at iteration {self.iteration}")
+
+    def _build_teacher(self) -> None:
+        """Teacher + hook on the stage owning layer k; weights loaded collectively by all ranks."""
+        owner_pp, owner_vp = layer_owner(self.config, self.target_layer)
+        owns = parallel_state.get_pipeline_model_parallel_rank() == owner_pp
+        if owns:
+            self.teacher = Teacher(self.cfg.teacher, teacher_layer=self.teacher_layer,
+                                   on_cpu=self.on_cpu, use_te=self.use_te)
+            layer = find_layer(self.model, self.target_layer)
+            assert layer is not None, f"layer {self.target_layer} should be on pipeline rank {owner_pp}"
+            self.hook_chunk = self.model[owner_vp or 0]
+            self.hook = AlignmentHook(layer, loss=self.cfg.alignment.loss,
+                                      logsum_exponent=self.cfg.alignment.logsum_exponent,
+                                      sequence_parallel=self.cfg.parallel.sequence_parallel)
+        if self.cfg.teacher.load:
+            checkpoint.load_model_weights(self.cfg.teacher.load, self.teacher.model if owns else None)
+        self.owner_stage = (owner_pp, owner_vp)
+
+    def _release_teacher(self) -> None:
+        self.teacher_present = False
+        if self.hook is not None:
+            self.hook.remove()
+            self.teacher.release()
+        self.hook = self.teacher = self.hook_chunk = None
+        self._print(f"iteration {self.iteration}: λ reached 0 (S_stop={self.cfg.alignment.stop_step}); "
+                    "teacher released")
+
+    def _dataset_sizes(self) -> tuple[int, int, int]:
+        gbs, ev = self.cfg.training.global_batch_size, self.cfg.eval
+        train = self.cfg.training.train_iters * gbs
+        valid = ev.eval_iters * gbs if ev.eval_interval else 0
+        test = ev.eval_iters * gbs if ev.test_at_end else 0
+        return train, valid, test
+
+    def _iterators(self, dataset, consumed: int):
+        if dataset is None:
+            return None
+        make = partial(make_iterator, dataset, consumed, self.cfg.training.micro_batch_size,
+                       self.dp_rank, self.dp_size, self.device)
+        # Interleaved schedules pull from one iterator per model chunk, in lockstep.
+        return [make() for _ in self.model] if len(self.model) > 1 else make()
+
+    # ----------------------------------------------------------------------------- the step
+
+    def _forward_step(self, data_iterator, model, alignment_weight_now: float = 0.0):
+        batch = next(data_iterator)
+        tokens, position_ids = batch["tokens"], batch["position_ids"]
+        attention_mask = batch.get("attention_mask")
+        if self.hook is not None and model is self.hook_chunk and alignment_weight_now > 0:
+            teacher_hidden = self.teacher.hidden_states(tokens, position_ids, attention_mask)
+            scale = main_loss_scale(self.config, self.num_microbatches, self.device)
+            self.hook.prepare(teacher_hidden, batch["loss_mask"], alignment_weight_now, scale)
+        output = model(tokens, position_ids, attention_mask, labels=batch["labels"])
+        return output, partial(self._loss, batch["loss_mask"])
+
+    @staticmethod
+    def _loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+        mask = loss_mask.reshape(-1).float()
+        loss_sum = (per_token_loss.float().reshape(-1) * mask).sum()
+        tokens = mask.sum()
+        report = torch.stack([loss_sum.detach(), tokens])
+        return loss_sum, tokens.to(torch.int), {"lm loss": report}
+
+    def train_step(self) -> dict:
+        """One optimizer step over global_batch_size samples. Returns this step's metrics."""
+        cfg = self.cfg
+        weight = (alignment_weight(self.iteration, cfg.alignment.lambda0, cfg.alignment.stop_step)
+                  if cfg.alignment_active else 0.0)
+        if self.teacher_present and weight == 0.0:
+            self._release_teacher()
+
+        start = time.perf_counter()
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = get_forward_backward_func()(
+            forward_step_func=partial(self._forward_step, alignment_weight_now=weight),
+            data_iterator=self.train_data,
+            model=self.model,
+            num_microbatches=self.num_microbatches,
+            seq_length=cfg.training.seq_length,
+            micro_batch_size=cfg.training.micro_batch_size,
+            forward_only=False,
+        )
+        success, grad_norm, _ = self.optimizer.step()
+        if success:
+            self.scheduler.step(increment=1)
+        elapsed = time.perf_counter() - start
+        self.iteration += 1
+        self.consumed_samples += cfg.training.global_batch_size
+
+        stats = self._reduce_metrics(outputs, self.hook.take_metrics() if self.hook else None)
+        tokens = cfg.training.global_batch_size * cfg.training.seq_length
+        record = {
+            "iteration": self.iteration,
+            "lm_loss": stats["lm_loss"],
+            "alignment_loss": stats["alignment_loss"],
+            "cosine_similarity": stats["cosine_similarity"],
+            "lambda": weight,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "skipped": not success,
+            "step_time_s": elapsed,
+            "tokens_per_s": tokens / elapsed,
+            "consumed_samples": self.consumed_samples,
+        }
+        if not self.on_cpu:
+            record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        return record
+
+    def _reduce_metrics(self, lm_outputs: list, align) -> dict:
+        """All ranks get the global (DP-averaged, token-weighted) LM and alignment metrics."""
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        values = torch.zeros(5, dtype=torch.float64)
+        if lm_outputs and parallel_state.is_pipeline_last_stage(ignore_virtual=True) and tp_rank == 0:
+            for item in lm_outputs:
+                values[0] += float(item["lm loss"][0])
+                values[1] += float(item["lm loss"][1])
+        # TP ranks hold identical alignment values unless the sequence is sharded across them.
+        if align is not None and (self.cfg.parallel.sequence_parallel or tp_rank == 0):
+            values[2], values[3], values[4] = align.loss_sum, align.cosine_sum, align.tokens
+        values = values.to(self.device)
+        dist.all_reduce(values)
+        values = values.cpu()
+        have_align = values[4] > 0
+        return {
+            "lm_loss": float(values[0] / values[1]) if values[1] > 0 else None,
+            "alignment_loss": float(values[2] / values[4]) if have_align else None,
+            "cosine_similarity": float(values[3] / values[4]) if have_align else None,
+        }
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> Optional[dict]:
+        """Mean LM loss and perplexity over eval_iters global batches of the valid/test split."""
+        dataset = self.datasets[1 if split == "valid" else 2]
+        if dataset is None:
+            return None
+        data = self._iterators(dataset, 0)
+        for chunk in self.model:
+            chunk.eval()
+        totals = torch.zeros(2, dtype=torch.float64)
+        for _ in range(self.cfg.eval.eval_iters):
+            outputs = get_forward_backward_func()(
+                forward_step_func=self._forward_step, data_iterator=data, model=self.model,
+                num_microbatches=self.num_microbatches, seq_length=self.cfg.training.seq_length,
+                micro_batch_size=self.cfg.training.micro_batch_size, forward_only=True,
+            )
+            if outputs and parallel_state.is_pipeline_last_stage(ignore_virtual=True) \
+                    and parallel_state.get_tensor_model_parallel_rank() == 0:
+                for item in outputs:
+                    totals += item["lm loss"].double().cpu()
+        for chunk in self.model:
+            chunk.train()
+        totals = totals.to(self.device)
+        dist.all_reduce(totals)
+        loss = float(totals[0] / totals[1])
+        return {"iteration": self.iteration, "split": split, "lm_loss": loss,
+                "perplexity": math.exp(min(loss, 700.0))}
+
+    # ----------------------------------------------------------------------------- the loop
+
+    def train(self) -> int:
+        cfg = self.cfg
+        self._install_signal_handler()
+        interval_records: list[dict] = []
+        while self.iteration < cfg.training.train_iters:
+            record = self.train_step()
+            interval_records.append(record)
+            self.metrics.log(record)
+            if self.iteration % cfg.logging.log_interval == 0 or self.iteration == cfg.training.train_iters:
+                self._print(self._format(record, interval_records))
+                interval_records = []
+            if cfg.eval.eval_interval and self.iteration % cfg.eval.eval_interval == 0:
+                self._log_eval(self.evaluate("valid"))
+            if self._should_exit():
+                self._print(f"SIGTERM received: saving at iteration {self.iteration} and exiting")
+                self.save()
+                return 0
+            if cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0:
+                self.save()
+        if cfg.eval.eval_interval and self.iteration % cfg.eval.eval_interval != 0:
+            self._log_eval(self.evaluate("valid"))
+        if cfg.eval.test_at_end:
+            self._log_eval(self.evaluate("test"))
+        self.save()
+        return 0
+
+    def save(self) -> None:
+        if not self.cfg.checkpoint.save:
+            return
+        path = checkpoint.save_checkpoint(
+            self.cfg.checkpoint.save, self.iteration, self.model, self.optimizer, self.scheduler,
+            self.consumed_samples, to_dict(self.cfg),
+        )
+        self._print(f"saved checkpoint {path}")
+
+    def close(self) -> None:
+        self.metrics.close()
+
+    # ----------------------------------------------------------------------------- helpers
+
+    def _install_signal_handler(self) -> None:
+        if not self.cfg.training.exit_signal_handler:
+            return
+
+        def handler(signum, frame):
+            self.exit_requested = True
+
+        signal.signal(signal.SIGTERM, handler)
+
+    def _should_exit(self) -> bool:
+        flag = torch.tensor([1.0 if self.exit_requested else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def _log_eval(self, record: Optional[dict]) -> None:
+        if record is None:
+            return
+        self.metrics.log(record, f" {record['split']} | iteration {record['iteration']} | "
+                                 f"lm loss {record['lm_loss']:.4f} | perplexity {record['perplexity']:.2f}")
+
+    def _format(self, record: dict, window: list[dict]) -> str:
+        mean = lambda key: sum(r[key] for r in window if r[key] is not None) / max(  # noqa: E731
+            1, sum(1 for r in window if r[key] is not None))
+        parts = [
+            f" iteration {record['iteration']:>6}/{self.cfg.training.train_iters}",
+            f"lm loss {mean('lm_loss'):.4f}",
+        ]
+        if record["lambda"] > 0 or record["alignment_loss"] is not None:
+            parts += [f"alignment loss {record['alignment_loss']:.4f}" if record["alignment_loss"] is not None
+                      else "alignment loss -",
+                      f"cos sim {record['cosine_similarity']:.4f}" if record["cosine_similarity"] is not None
+                      else "cos sim -",
+                      f"λ {record['lambda']:.4g}"]
+        parts += [f"lr {record['lr']:.3e}", f"grad norm {record['grad_norm']:.3f}"
+                  if record["grad_norm"] is not None else "grad norm -",
+                  f"tokens/s {mean('tokens_per_s'):.0f}"]
+        if "peak_memory_gib" in record:
+            parts.append(f"peak mem {record['peak_memory_gib']:.2f} GiB")
+        return " | ".join(parts)
+
+    def _log_setup(self) -> None:
+        cfg = self.cfg
+        par = cfg.parallel
+        info = parallel.world_info()
+        lines = [
+            f"megatron-let: world {info['world_size']} = TP {par.tensor_model_parallel_size} × "
+            f"PP {par.pipeline_model_parallel_size} × DP {self.dp_size}"
+            + (" (sequence parallel)" if par.sequence_parallel else "")
+            + f", device {cfg.device}, precision {self.precision}, "
+            + ("Transformer Engine layers" if self.use_te else "local layers"),
+            f"target: {cfg.model.num_layers} layers × {cfg.model.hidden_size}, "
+            f"{self.num_microbatches} microbatches of {cfg.training.micro_batch_size} × {cfg.training.seq_length}",
+        ]
+        if cfg.alignment_active:
+            owner = self.owner_stage
+            where = (f"pipeline stage {owner[0]}" + (f" chunk {owner[1]}" if owner[1] is not None else "")
+                     if owner else "released")
+            lines.append(
+                f"LET: target layer {self.target_layer} ({where}) ← teacher "
+                f"{'final hidden state' if self.teacher_layer is None else f'layer {self.teacher_layer}'} "
+                f"({cfg.teacher.model.num_layers} layers × {cfg.teacher.model.hidden_size}), "
+                f"{cfg.alignment.loss} loss, λ0 {cfg.alignment.lambda0} → 0 at step {cfg.alignment.stop_step}"
+            )
+        for line in lines:
+            self._print(line)
+
+    @staticmethod
+    def _print(message: str) -> None:
+        if dist.get_rank() == 0:
+            print(message, flush=True)
+
+
+def run(cfg: LETConfig) -> int:
+    trainer = Trainer(cfg)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
+        parallel.shutdown()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="megatron-let train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set training.train_iters=100 (repeatable)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from megatron_let.config import ConfigError
+
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError as err:
+        print(f"megatron-let: {err}", file=sys.stderr)
+        return 2
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-let",
+    version="0.1.0",
+    description="Late-to-Early Training (LET) for NVIDIA megatron-core: a small frozen teacher "
+                "guides the early layers of a large GPT in the first steps of 3D-parallel pretraining",
+    long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_let", "megatron_let.*"]),
+    install_requires=[
+        # Tested with 0.16.1; megatron_let.cpu and checkpoint code touch its internals.
+        "megatron-core>=0.16.1,<0.17",
+        "torch>=2.6",
+        "numpy",
+        "pyyaml",
+        "psutil",  # megatron's dist-checkpoint writer imports it without declaring it
+        "tensorboard",
+    ],
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]"],
+        "test": ["pytest>=8", "pytest-timeout"],
+    },
+    entry_points={"console_scripts": ["megatron-let=megatron_let.cli:main"]},
+)

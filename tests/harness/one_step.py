@@ -1,0 +1,51 @@
+"""Run ONE training step of the real trainer under torchrun and dump what it computed.
+
+Writes <out>/metrics.json (rank 0: the step's metrics) and <out>/grads/ — a dist-checkpoint whose
+"weights" are the step's (DP-reduced, pre-clip-free) gradients, so that a single process can read
+them back at TP=PP=1 through megatron's own resharding and compare them parameter by parameter.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--set", action="append", default=[])
+    args = parser.parse_args()
+
+    from megatron_let import checkpoint, parallel
+    from megatron_let.config import load_config
+    from megatron_let.train import Trainer
+
+    cfg = load_config(args.config, args.set)
+    trainer = Trainer(cfg)
+    record = trainer.train_step()
+    for chunk in trainer.model:
+        for param in chunk.parameters():
+            param.data.copy_(param.main_grad)
+    out = Path(args.out)
+    checkpoint.save_checkpoint(out / "grads", trainer.iteration, trainer.model, None, None,
+                               trainer.consumed_samples, {})
+    if dist.get_rank() == 0:
+        record["teacher_ranks"] = None
+        (out / "metrics.json").write_text(json.dumps(record))
+    owners = torch.tensor([1.0 if trainer.teacher is not None else 0.0])
+    gathered = [torch.zeros(1) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, owners)
+    if dist.get_rank() == 0:
+        record["teacher_ranks"] = [i for i, g in enumerate(gathered) if g.item() > 0]
+        (out / "metrics.json").write_text(json.dumps(record))
+    trainer.close()
+    parallel.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Single process: read gradient dumps written by one_step.py back at TP=PP=1, and compute the
+direct reference — the same step's gradients by plain autograd of Σ_m (LM_m + λ·L_align,m) / M,
+without the hook, the aux-loss scaler or megatron's schedule.
+
+Usage: read_grads.py --config BASE.yaml --set ... --out grads.pt [--direct] DUMP_DIR ...
+"""
+
+import argparse
+import sys
+
+import torch
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--direct", action="store_true")
+    parser.add_argument("dumps", nargs="*")
+    args = parser.parse_args()
+
+    from megatron_let import checkpoint, parallel
+    from megatron_let.alignment import alignment_weight, cosine_alignment_loss
+    from megatron_let.config import load_config
+    from megatron_let.model import unwrap
+    from megatron_let.train import Trainer
+
+    cfg = load_config(args.config, args.set)
+    trainer = Trainer(cfg)
+    gpt = unwrap(trainer.model[0])
+    result = {}
+
+    if args.direct:
+        weight = alignment_weight(0, cfg.alignment.lambda0, cfg.alignment.stop_step) if trainer.teacher else 0.0
+        if trainer.hook is not None:
+            trainer.hook.remove()
+        captured = {}
+        layer = gpt.decoder.layers[trainer.target_layer - 1]
+        layer.register_forward_hook(lambda m, i, o: captured.__setitem__("h", o[0]))
+        params = [p for p in gpt.parameters()]
+        total = 0.0
+        m = trainer.num_microbatches
+        for _ in range(m):
+            batch = next(trainer.train_data)
+            per_token = gpt(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+            mask = batch["loss_mask"].float()
+            loss = (per_token * mask).sum() / mask.sum()
+            if weight > 0:
+                teacher = trainer.teacher.hidden_states(batch["tokens"], batch["position_ids"], None)
+                loss = loss + weight * cosine_alignment_loss(captured["h"], teacher, mask.t())
+            total = total + loss / m
+        grads = torch.autograd.grad(total, params)
+        result["direct"] = {n: g for (n, _), g in zip(gpt.named_parameters(), grads)}
+
+    for dump in args.dumps:
+        checkpoint.load_checkpoint(dump, trainer.model, None, None)
+        result[dump] = {n: p.detach().clone() for n, p in gpt.named_parameters()}
+    torch.save(result, args.out)
+    trainer.close()
+    parallel.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
