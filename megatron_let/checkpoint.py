@@ -166,6 +166,8 @@ def load_model_weights(path: str | Path, model: Optional[torch.nn.Module]) -> No
     teacher lives on some ranks only; the others take part with an empty request)."""
     directory = resolve_checkpoint(path)
     request = {"model": model.sharded_state_dict()} if model is not None else {}
-    loaded = dist_checkpointing.load(request, str(directory))
+    # A replicated teacher makes every TP rank claim replica 0 of each tensor: harmless for a
+    # read, but megatron's save-side access check would reject it.
+    loaded = dist_checkpointing.load(request, str(directory), validate_access_integrity=False)
     if model is not None:
         model.load_state_dict(loaded["model"])

@@ -41,6 +41,9 @@ class ModelConfig:
     position_embedding_type: str = "rope"  # rope | learned_absolute | none
     rotary_base: int = 10000
     rotary_percent: float = 1.0
+    rope_scaling: bool = False  # Llama 3.x frequency scaling (megatron's: low/high freq factors 1/4, 8192 positions)
+    rope_scaling_factor: float = 8.0
+    parallel_residual: bool = False  # GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
     add_bias_linear: bool = False
     add_qkv_bias: bool = False
     untie_embeddings_and_output_weights: bool = True
@@ -95,6 +98,7 @@ class TrainingConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
     seed: int = 1234
     exit_signal_handler: bool = True  # SIGTERM: save after the current step and exit 0
+    exit_interval: Optional[int] = None  # save and exit when iteration % exit_interval == 0
 
 
 @dataclass

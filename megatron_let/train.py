@@ -402,6 +402,11 @@ class Trainer:
                 self._print(f"SIGTERM received: saving at iteration {self.iteration} and exiting")
                 self.save()
                 return 0
+            if cfg.training.exit_interval and self.iteration % cfg.training.exit_interval == 0 \
+                    and self.iteration < cfg.training.train_iters:
+                self._print(f"exit interval reached: saving at iteration {self.iteration} and exiting")
+                self.save()
+                return 0
             if cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0:
                 self.save()
         if cfg.eval.eval_interval and self.iteration % cfg.eval.eval_interval != 0:
