@@ -42,7 +42,8 @@ def teacher_layout(cfg: TeacherConfig, tp: int) -> TeacherLayout:
 class Teacher:
     """Runs the frozen teacher and returns the hidden states LET aligns to."""
 
-    def __init__(self, cfg: TeacherConfig, *, teacher_layer: Optional[int], on_cpu: bool, use_te: bool):
+    def __init__(self, cfg: TeacherConfig, *, teacher_layer: Optional[int], on_cpu: bool, use_te: bool,
+                 seed: int = 0):
         self.cfg = cfg
         self.teacher_layer = teacher_layer  # None: final hidden state, after the final norm
         tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -69,10 +70,15 @@ class Teacher:
             params_dtype=self.dtype,
             on_cpu=on_cpu,
         )
-        self.model = build_gpt(
-            cfg.model, config, use_te=use_te, tensor_parallel=self.layout.tensor_parallel,
-            pg_collection=pgs,
-        )
+        if cfg.load is None:
+            logger.warning("teacher.load is not set: the teacher has random weights (useful for tests only)")
+        # Its own seed, so a (random) teacher is the same whenever it is built, e.g. after a resume.
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if not on_cpu else []):
+            torch.manual_seed(seed)
+            self.model = build_gpt(
+                cfg.model, config, use_te=use_te, tensor_parallel=self.layout.tensor_parallel,
+                pg_collection=pgs,
+            )
         if not on_cpu:
             self.model.cuda(torch.cuda.current_device())
         self.model.eval()

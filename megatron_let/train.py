@@ -231,7 +231,7 @@ class Trainer:
         owns = parallel_state.get_pipeline_model_parallel_rank() == owner_pp
         if owns:
             self.teacher = Teacher(self.cfg.teacher, teacher_layer=self.teacher_layer,
-                                   on_cpu=self.on_cpu, use_te=self.use_te)
+                                   on_cpu=self.on_cpu, use_te=self.use_te, seed=self.cfg.training.seed + 1)
             layer = find_layer(self.model, self.target_layer)
             assert layer is not None, f"layer {self.target_layer} should be on pipeline rank {owner_pp}"
             self.hook_chunk = self.model[owner_vp or 0]
