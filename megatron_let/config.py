@@ -121,6 +121,10 @@ class DataConfig:
     # Megatron-LM's --data-path: "prefix" or "weight prefix weight prefix ..." (a blend).
     data_path: list = field(default_factory=list)
     split: str = "969,30,1"
+    # Or one blend per split (Megatron-LM's --train-data-path / --valid-data-path / --test-data-path).
+    train_data_path: list = field(default_factory=list)
+    valid_data_path: list = field(default_factory=list)
+    test_data_path: list = field(default_factory=list)
     mock_data: bool = False  # megatron's MockGPTDataset (no files; for smoke runs only)
     eod_token_id: Optional[int] = None  # None = model.vocab_size - 1
     reset_position_ids: bool = False
@@ -386,7 +390,12 @@ def validate(cfg: LETConfig, where=lambda key: "config") -> None:
     if cfg.training.global_batch_size % dp_unit:
         bad("training.global_batch_size",
             f"{cfg.training.global_batch_size} is not a multiple of micro_batch_size={dp_unit}")
-    if not cfg.data.data_path and not cfg.data.mock_data and cfg.training.train_iters > 0:
+    per_split = cfg.data.train_data_path or cfg.data.valid_data_path or cfg.data.test_data_path
+    if cfg.data.data_path and per_split:
+        bad("data.data_path", "give either data_path (split by data.split) or train/valid/test_data_path, not both")
+    if per_split and not cfg.data.train_data_path and cfg.training.train_iters > 0:
+        bad("data.train_data_path", "valid/test data paths are set but the train one is missing")
+    if not (cfg.data.data_path or per_split) and not cfg.data.mock_data and cfg.training.train_iters > 0:
         bad("data.data_path", "no data: give an indexed-dataset prefix (or a blend), or set data.mock_data")
 
 

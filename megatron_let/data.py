@@ -34,7 +34,7 @@ class SpecialTokens:
         return {"class": "SpecialTokens", "vocab_size": self.vocab_size, "eod": self.eod, "pad": self.pad}
 
 
-def _check_prefixes(paths: list[str]) -> None:
+def _check_prefixes(paths: list[str], key: str) -> None:
     for item in paths:
         try:
             float(item)
@@ -43,20 +43,30 @@ def _check_prefixes(paths: list[str]) -> None:
             pass
         for suffix in (".bin", ".idx"):
             if not Path(item + suffix).exists():
-                raise FileNotFoundError(f"data.data_path: {item}{suffix} does not exist")
+                raise FileNotFoundError(f"{key}: {item}{suffix} does not exist")
 
 
 def build_datasets(cfg: LETConfig, num_samples: tuple[int, int, int]):
     """(train, valid, test) GPTDatasets (None where the split is empty)."""
     eod = cfg.data.eod_token_id if cfg.data.eod_token_id is not None else cfg.model.vocab_size - 1
     tokens = SpecialTokens(vocab_size=cfg.model.vocab_size, eod=eod)
-    if not cfg.data.mock_data:
-        _check_prefixes(cfg.data.data_path)
+    data = cfg.data
+    per_split = [data.train_data_path, data.valid_data_path, data.test_data_path]
+    blend, blend_per_split, split = None, None, data.split
+    if not data.mock_data:
+        for key, paths in zip(("data_path", "train_data_path", "valid_data_path", "test_data_path"),
+                              [data.data_path] + per_split):
+            _check_prefixes(paths, f"data.{key}")
+        if any(per_split):
+            blend_per_split, split = [get_blend_from_list(p) if p else None for p in per_split], None
+        else:
+            blend = get_blend_from_list(data.data_path)
     config = GPTDatasetConfig(
         random_seed=cfg.training.seed,
         sequence_length=cfg.training.seq_length,
-        blend=None if cfg.data.mock_data else get_blend_from_list(cfg.data.data_path),
-        split=cfg.data.split,
+        blend=blend,
+        blend_per_split=blend_per_split,
+        split=split,
         tokenizer=tokens,
         reset_position_ids=cfg.data.reset_position_ids,
         reset_attention_mask=cfg.data.reset_attention_mask,

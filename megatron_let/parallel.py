@@ -27,6 +27,7 @@ def init_distributed(cfg: LETConfig) -> None:
         cpu.enable_cpu_mode()
     elif not torch.cuda.is_available():
         raise RuntimeError("device: cuda, but CUDA is not available (use device: cpu for the CPU mode)")
+    _env_from_slurm()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if not on_cpu:
@@ -57,6 +58,16 @@ def init_distributed(cfg: LETConfig) -> None:
     )
     seed_everything(cfg.training.seed, on_cpu)
     _make_singleton_groups()
+
+
+def _env_from_slurm() -> None:
+    """``srun`` without torchrun (one task per GPU): take ranks from Slurm, as Megatron-LM does.
+    Signals then reach the training processes directly (SIGTERM → save and exit 0)."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
 
 
 def seed_everything(seed: int, on_cpu: bool) -> None:
