@@ -127,6 +127,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise FileNotFoundError(f"{path}: not a megatron-let checkpoint (no {TRACKER} and no metadata.json)")
 
 
+def read_common_state(path: str | Path) -> dict:
+    """The non-sharded part of a checkpoint (iteration, config, ...), readable without a process group."""
+    return dist_checkpointing.load_common_state_dict(str(resolve_checkpoint(path)))
+
+
 def load_checkpoint(path: str | Path, model_chunks: list, optimizer, scheduler,
                     load_optimizer: bool = True) -> dict:
     """Collective. Loads model (and optimizer, scheduler, RNG) in place; returns the common

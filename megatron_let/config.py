@@ -56,7 +56,8 @@ class ModelConfig:
 class TeacherConfig:
     """The small frozen pretrained model, colocated with the target's stage that owns layer k."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # None: read from the checkpoint in ``load`` (a megatron-let checkpoint records its model).
+    model: Optional[ModelConfig] = None
     load: Optional[str] = None  # a megatron-let checkpoint directory (model weights only are read)
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
 
@@ -300,8 +301,45 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     where = _Where(source, lines)
     where_set = lambda key: "--set" if lines.get(key) == 0 else where(key)  # noqa: E731
     cfg = _build(LETConfig, raw, "", where_set)
+    if cfg.teacher is not None:
+        _resolve_teacher_model(cfg.teacher, where_set)
     validate(cfg, where_set)
     return cfg
+
+
+def _resolve_teacher_model(teacher: TeacherConfig, where) -> None:
+    """Fill teacher.model from its checkpoint, or check the two agree on the architecture."""
+    if teacher.load is None:
+        if teacher.model is None:
+            raise ConfigError(f"{where('teacher')}: teacher: give teacher.load (a checkpoint) or teacher.model")
+        return
+    saved = checkpoint_model_config(teacher.load, "teacher.load", where)
+    if teacher.model is None:
+        teacher.model = _build(ModelConfig, saved, "teacher.model.", where)
+        return
+    for key, value in saved.items():
+        given = getattr(teacher.model, key, value)
+        if key not in _NON_ARCHITECTURE_KEYS and given != value:
+            raise ConfigError(f"{where('teacher.model.' + key)}: teacher.model.{key}: {given!r} differs from "
+                              f"{value!r} in the checkpoint {teacher.load}")
+
+
+# Fields that do not change what the weights compute (everything else must agree).
+_NON_ARCHITECTURE_KEYS = {"init_method_std", "hidden_dropout", "attention_dropout", "max_position_embeddings"}
+
+
+def checkpoint_model_config(path: str, key: str, where=lambda key: "config") -> dict:
+    """The ``model`` section recorded in a megatron-let checkpoint's common state."""
+    from megatron_let.checkpoint import read_common_state
+
+    try:
+        common = read_common_state(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"{where(key)}: {key}: {err}") from None
+    model = (common.get("config") or {}).get("model")
+    if not isinstance(model, dict):
+        raise ConfigError(f"{where(key)}: {key}: {path} records no model configuration")
+    return model
 
 
 def validate(cfg: LETConfig, where=lambda key: "config") -> None:

@@ -101,3 +101,24 @@ def test_cli_reports_config_errors(tmp_path, token_data):
                             capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 2
     assert "alignment.target_layer" in result.stderr and "bad.yaml" in result.stderr
+
+
+def test_teacher_architecture_comes_from_its_checkpoint(tmp_path, token_data):
+    from megatron_let.config import ConfigError, load_config
+
+    teacher = tiny_config(token_data, teacher=None, training={"train_iters": 0},
+                          model={"num_layers": 2, "hidden_size": 48, "num_attention_heads": 3,
+                                 "num_query_groups": None, "normalization": "LayerNorm"},
+                          checkpoint={"save": str(tmp_path / "teacher")})
+    torchrun(1, "-m megatron_let.train", "--config", str(write_config(tmp_path / "t.yaml", teacher)))
+    student = tiny_config(token_data)
+    student["teacher"] = {"load": str(tmp_path / "teacher")}
+    cfg = load_config(write_config(tmp_path / "s.yaml", student))
+    assert (cfg.teacher.model.hidden_size, cfg.teacher.model.num_attention_heads) == (48, 3)
+    assert cfg.teacher.model.normalization == "LayerNorm"
+    student["teacher"]["model"] = dict(teacher["model"], hidden_size=64, num_attention_heads=4)
+    with pytest.raises(ConfigError, match=r"teacher\.model\.hidden_size: 64 differs from 48"):
+        load_config(write_config(tmp_path / "s2.yaml", student))
+    student["teacher"] = {"load": str(tmp_path / "missing")}
+    with pytest.raises(ConfigError, match=r"teacher\.load: .*not a megatron-let checkpoint"):
+        load_config(write_config(tmp_path / "s3.yaml", student))
