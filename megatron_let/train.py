@@ -35,6 +35,7 @@ from megatron_let import checkpoint, parallel
 from megatron_let.alignment import alignment_weight
 from megatron_let.config import LETConfig, load_config, resolve_layers, to_dict
 from megatron_let.data import build_datasets, make_iterator
+from megatron_let.flops import FlopsCounter, teacher_flops_per_token, training_flops_per_token
 from megatron_let.hook import AlignmentHook, find_layer, layer_owner, main_loss_scale
 from megatron_let.model import build_gpt, transformer_config, transformer_engine_available, unwrap
 from megatron_let.teacher import Teacher
@@ -133,6 +134,7 @@ class Trainer:
         if self.teacher_present and self.iteration < cfg.alignment.stop_step:
             self._build_teacher()
 
+        self.flops = self._flops_counter()
         self.datasets = build_datasets(cfg, self._dataset_sizes())
         self.train_data = self._iterators(self.datasets[0], self.consumed_samples)
         self.metrics = MetricsLogger(cfg)
@@ -251,6 +253,18 @@ class Trainer:
         self._print(f"iteration {self.iteration}: λ reached 0 (S_stop={self.cfg.alignment.stop_step}); "
                     "teacher released")
 
+    def _flops_counter(self) -> FlopsCounter:
+        """Compute spent so far (target training + teacher forwards until S_stop), restored on resume."""
+        cfg, seq = self.cfg, self.cfg.training.seq_length
+        counter = FlopsCounter(training_flops_per_token(cfg.model, seq))
+        teacher_steps = 0
+        if cfg.alignment_active:
+            counter.teacher_per_token = teacher_flops_per_token(cfg.teacher.model, seq, self.teacher_layer)
+            teacher_steps = min(self.iteration, cfg.alignment.stop_step)
+        tokens = cfg.training.global_batch_size * seq
+        counter.total = tokens * (self.iteration * counter.target_per_token + teacher_steps * counter.teacher_per_token)
+        return counter
+
     def _dataset_sizes(self) -> tuple[int, int, int]:
         gbs, ev = self.cfg.training.global_batch_size, self.cfg.eval
         train = self.cfg.training.train_iters * gbs
@@ -317,6 +331,7 @@ class Trainer:
 
         stats = self._reduce_metrics(outputs, self.hook.take_metrics() if self.hook else None)
         tokens = cfg.training.global_batch_size * cfg.training.seq_length
+        flops = self.flops.step(tokens, teacher_active=weight > 0)
         record = {
             "iteration": self.iteration,
             "lm_loss": stats["lm_loss"],
@@ -328,6 +343,8 @@ class Trainer:
             "skipped": not success,
             "step_time_s": elapsed,
             "tokens_per_s": tokens / elapsed,
+            "tflops_per_gpu": flops / elapsed / dist.get_world_size() / 1e12,
+            "flops_total": self.flops.total,
             "consumed_samples": self.consumed_samples,
         }
         if not self.on_cpu:
@@ -465,7 +482,7 @@ class Trainer:
                       f"λ {record['lambda']:.4g}"]
         parts += [f"lr {record['lr']:.3e}", f"grad norm {record['grad_norm']:.3f}"
                   if record["grad_norm"] is not None else "grad norm -",
-                  f"tokens/s {mean('tokens_per_s'):.0f}"]
+                  f"tokens/s {mean('tokens_per_s'):.0f}", f"TFLOP/s/GPU {mean('tflops_per_gpu'):.3g}"]
         if "peak_memory_gib" in record:
             parts.append(f"peak mem {record['peak_memory_gib']:.2f} GiB")
         return " | ".join(parts)

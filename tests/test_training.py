@@ -60,7 +60,7 @@ def test_resume_continues_the_same_loss_curve(tmp_path, token_data):
     train_b = [r for r in b if "split" not in r]
     assert [r["iteration"] for r in train_b] == [1, 2, 3, 4, 5, 6]
     for ra, rb in zip(train_a, train_b):
-        for key in ("lm_loss", "alignment_loss", "lambda", "lr", "grad_norm"):
+        for key in ("lm_loss", "alignment_loss", "lambda", "lr", "grad_norm", "flops_total"):
             if ra[key] is None:
                 assert rb[key] is None
             else:
