@@ -2,6 +2,9 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+HF = ["transformers>=4.46", "safetensors", "gguf>=0.10"]  # tested: transformers 5.23.0, gguf 0.19.0
+EVAL = ["lm-eval==0.4.13", "datasets>=2.16", "accelerate>=0.26", "transformers>=4.46"]
+
 setup(
     name="megatron-let",
     version="0.1.0",
@@ -20,10 +23,15 @@ setup(
         "pyyaml",
         "psutil",  # megatron's dist-checkpoint writer imports it without declaring it
         "tensorboard",
+        "sentencepiece>=0.2",  # tokenizer training and SentencePieceTokenizer preprocessing
+        "tokenizers>=0.19",  # GPT2BPETokenizer / HuggingFaceTokenizer preprocessing
+        "matplotlib",  # quickstart plots
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
-        "test": ["pytest>=8", "pytest-timeout"],
+        "hf": HF,
+        "eval": EVAL,
+        "test": ["pytest>=8", "pytest-timeout"] + HF + EVAL,
     },
     entry_points={"console_scripts": ["megatron-let=megatron_let.cli:main"]},
 )
