@@ -127,6 +127,7 @@ class DataConfig:
     valid_data_path: list = field(default_factory=list)
     test_data_path: list = field(default_factory=list)
     mock_data: bool = False  # megatron's MockGPTDataset (no files; for smoke runs only)
+    data_cache_path: Optional[str] = None  # GPTDataset index cache; None = beside the data
     eod_token_id: Optional[int] = None  # None = model.vocab_size - 1
     reset_position_ids: bool = False
     reset_attention_mask: bool = False

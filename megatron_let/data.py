@@ -72,7 +72,7 @@ def build_datasets(cfg: LETConfig, num_samples: tuple[int, int, int]):
         reset_attention_mask=cfg.data.reset_attention_mask,
         eod_mask_loss=cfg.data.eod_mask_loss,
         create_attention_mask=cfg.data.reset_attention_mask,
-        path_to_cache=None,
+        path_to_cache=data.data_cache_path,
         mid_level_dataset_surplus=0.005,
     )
     cls = MockGPTDataset if cfg.data.mock_data else GPTDataset
