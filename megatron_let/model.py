@@ -28,6 +28,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megatron_let.config import ModelConfig
+from megatron_let.layers import ParallelResidualTransformerLayer
 
 logger = logging.getLogger(__name__)
 
@@ -204,9 +205,10 @@ def local_layer_spec() -> ModuleSpec:
 
 
 def decoder_block_spec(config: TransformerConfig, use_te: bool, vp_stage: Optional[int],
-                       pp_rank: int) -> ModuleSpec:
+                       pp_rank: int, parallel_residual: bool = False) -> ModuleSpec:
     """This stage's decoder: its layers and the final norm (TE's, or our SP-aware Norm; megatron's
-    default torch norm refuses sequence parallelism)."""
+    default torch norm refuses sequence parallelism). ``parallel_residual`` swaps in the GPT-NeoX
+    layer, which keeps the same submodules (and so the same weights and checkpoint keys)."""
     if use_te:
         from megatron.core.extensions.transformer_engine import TENorm
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
@@ -214,6 +216,9 @@ def decoder_block_spec(config: TransformerConfig, use_te: bool, vp_stage: Option
         layer, final_norm = get_gpt_layer_with_transformer_engine_spec(), TENorm
     else:
         layer, final_norm = local_layer_spec(), Norm
+    if parallel_residual:
+        layer = ModuleSpec(module=ParallelResidualTransformerLayer, params=layer.params,
+                           submodules=layer.submodules)
     count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     return ModuleSpec(
         module=TransformerBlock,
@@ -239,7 +244,8 @@ def build_gpt(
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     gpt = GPTModel(
         config=config,
-        transformer_layer_spec=decoder_block_spec(config, use_te, vp_stage, pp_rank),
+        transformer_layer_spec=decoder_block_spec(config, use_te, vp_stage, pp_rank,
+                                                  parallel_residual=model.parallel_residual),
         vocab_size=padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, tensor_parallel),
         max_sequence_length=model.max_position_embeddings,
         pre_process=pre_process,
@@ -248,6 +254,8 @@ def build_gpt(
         position_embedding_type=model.position_embedding_type,
         rotary_percent=model.rotary_percent,
         rotary_base=model.rotary_base,
+        rope_scaling=model.rope_scaling,
+        rope_scaling_factor=model.rope_scaling_factor,
         vp_stage=vp_stage,
         pg_collection=pg_collection,
     )

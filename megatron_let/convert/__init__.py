@@ -1,0 +1,18 @@
+"""Hugging Face ↔ megatron-let weights.
+
+* :func:`load_hf`: a Hugging Face model (safetensors / pytorch_model.bin / GGUF) → ModelConfig and
+  the full TP=1 megatron state dict. Llama family, GPT-NeoX (Pythia) and OPT.
+* :func:`shard_state_dict` / :func:`load_into`: one tensor-parallel rank's part, into a GPTModel.
+* :func:`import_checkpoint`: → a megatron-let checkpoint (e.g. a LET teacher).
+* :func:`export_checkpoint`: a megatron-let checkpoint (Llama-style) → a Hugging Face directory.
+* :func:`main`: the ``megatron-let convert`` command line.
+"""
+
+from megatron_let.convert.cli import main
+from megatron_let.convert.common import ConversionError, load_into, shard_state_dict
+from megatron_let.convert.hf_export import export_checkpoint, write_hf
+from megatron_let.convert.hf_import import ARCHITECTURES, load_hf
+from megatron_let.convert.megatron_io import import_checkpoint, read_checkpoint
+
+__all__ = ["ARCHITECTURES", "ConversionError", "export_checkpoint", "import_checkpoint", "load_hf", "load_into",
+           "main", "read_checkpoint", "shard_state_dict", "write_hf"]

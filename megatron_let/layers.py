@@ -1,0 +1,75 @@
+"""Transformer layers that megatron-core's stock ``TransformerLayer`` cannot express.
+
+They plug into a layer spec in place of ``TransformerLayer`` and keep its submodules, so their
+weights, state-dict names and dist-checkpoint keys are those of the stock layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from torch import Tensor
+
+from megatron.core.transformer.transformer_layer import TransformerLayer
+from megatron.core.utils import deprecate_inference_params, make_viewless_tensor
+
+
+class ParallelResidualTransformerLayer(TransformerLayer):
+    """GPT-NeoX / GPT-J block: ``x + attn(ln1(x)) + mlp(ln2(x))``.
+
+    Attention and MLP both read the layer's input (megatron's layer feeds the MLP with the
+    attention's output). With Transformer Engine specs the two norms are fused into ``linear_qkv``
+    and ``linear_fc1``; the forward below is the same either way.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.recompute_input_layernorm or self.recompute_pre_mlp_layernorm or self.recompute_mlp:
+            raise NotImplementedError(
+                "parallel_residual layers do not support selective recompute of norms/MLP "
+                "(use full-layer recompute or none)")
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        attention_mask: Optional[Tensor] = None,
+        context: Optional[Tensor] = None,
+        context_mask: Optional[Tensor] = None,
+        rotary_pos_emb: Optional[Tensor] = None,
+        rotary_pos_cos: Optional[Tensor] = None,
+        rotary_pos_sin: Optional[Tensor] = None,
+        rotary_pos_cos_sin: Optional[Tensor] = None,
+        attention_bias: Optional[Tensor] = None,
+        inference_context: Optional[Any] = None,
+        packed_seq_params: Optional[Any] = None,
+        sequence_len_offset: Optional[Tensor] = None,
+        padding_mask: Optional[Tensor] = None,
+        *,
+        inference_params: Optional[Any] = None,
+        **_unused,
+    ):
+        inference_context = deprecate_inference_params(inference_context, inference_params)
+        residual = hidden_states
+        attention_output_with_bias = self.self_attention(
+            self.input_layernorm(hidden_states),
+            attention_mask=attention_mask,
+            inference_context=inference_context,
+            rotary_pos_emb=rotary_pos_emb,
+            rotary_pos_cos=rotary_pos_cos,
+            rotary_pos_sin=rotary_pos_sin,
+            rotary_pos_cos_sin=rotary_pos_cos_sin,
+            attention_bias=attention_bias,
+            packed_seq_params=packed_seq_params,
+            sequence_len_offset=sequence_len_offset,
+        )
+        mlp_output_with_bias = self.mlp(self.pre_mlp_layernorm(hidden_states), padding_mask=padding_mask)
+        with self.bias_dropout_add_exec_handler():
+            hidden_states = self.self_attn_bda(self.training, self.config.bias_dropout_fusion)(
+                attention_output_with_bias, residual, self.hidden_dropout
+            )
+            hidden_states = self.mlp_bda(self.training, self.config.bias_dropout_fusion)(
+                mlp_output_with_bias, hidden_states, self.hidden_dropout
+            )
+        output = make_viewless_tensor(inp=hidden_states, requires_grad=hidden_states.requires_grad,
+                                      keep_graph=True)
+        return output, context

@@ -1,0 +1,117 @@
+"""Conversion checks that need megatron-core in CPU mode, run as ``convert_worker.py JOBS.json``
+under torchrun (tensor parallel size = the number of processes) or as a plain process (TP=1).
+
+JOBS.json is a list of jobs, run in order; each job is a dict with a "kind":
+
+* hf_logits    {hf, gguf?, tokens, out}: load_hf → shard for this TP → GPTModel; rank 0 saves the
+               gathered logits [b, s, vocab] and final hidden states [b, s, h] to ``out``.
+* cli          {argv}: ``megatron_let.convert.main(argv)`` (import/export at TP=1).
+* ckpt_logits  {ckpt, tokens, out}: build the checkpoint's model at this TP, load it as a teacher
+               is loaded (checkpoint.load_model_weights), save logits/hidden like hf_logits.
+* random_ckpt  {model, out, tokens, logits_out, shards_out, pp?}: a randomly initialised model saved
+               as a training checkpoint at iteration 7 (with ``pp``: TP=1 × PP=pp instead of TP=world);
+               its logits (PP=1 only); each rank's state dict, layers numbered globally, to
+               ``shards_out`` with ``{rank}`` filled in.
+* read_ckpt    {ckpt, out}: read_checkpoint (TP=PP=1) → (ModelConfig dict, state dict) to ``out``.
+"""
+
+import dataclasses
+import json
+import os
+import re
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+
+def main():
+    from megatron.core import parallel_state
+
+    from megatron_let import checkpoint, convert, parallel
+    from megatron_let.config import LETConfig, ModelConfig, ParallelConfig, to_dict
+    from megatron_let.model import build_gpt, transformer_config
+
+    jobs = json.loads(open(sys.argv[1]).read())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", sys.argv[2] if len(sys.argv) > 2 else "29511")
+
+    def layout(tp: int, pp: int) -> None:
+        parallel.init_distributed(LETConfig(device="cpu", parallel=ParallelConfig(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)))
+
+    layout(world, 1)
+    rank = parallel_state.get_tensor_model_parallel_rank()
+
+    def build(model: ModelConfig, pp: int = 1):
+        tp = world // pp
+        config = transformer_config(model, tensor_parallel=tp, pipeline_parallel=pp, on_cpu=True)
+        gpt = build_gpt(model, config, use_te=False, tensor_parallel=tp,
+                        pre_process=parallel_state.is_pipeline_first_stage(),
+                        post_process=parallel_state.is_pipeline_last_stage())
+        return gpt.eval()
+
+    def run(gpt, tokens_path: str, vocab: int) -> dict:
+        tokens = torch.load(tokens_path)
+        captured = {}
+        hook = gpt.decoder.register_forward_hook(lambda m, i, o: captured.__setitem__("hidden", o))
+        b, s = tokens.shape
+        with torch.no_grad():
+            logits = gpt(tokens, torch.arange(s).unsqueeze(0).expand(b, s), None)
+        hook.remove()
+        parts = [torch.empty_like(logits) for _ in range(world)]
+        dist.all_gather(parts, logits.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+        return {"logits": torch.cat(parts, dim=-1)[..., :vocab], "hidden": captured["hidden"].transpose(0, 1)}
+
+    def save(obj, path: str) -> None:
+        if dist.get_rank() == 0:
+            torch.save(obj, path)
+
+    for job in jobs:
+        kind = job["kind"]
+        start = time.time()
+        if kind == "hf_logits":
+            model, full = convert.load_hf(job["hf"], job.get("gguf"))
+            gpt = build(model)
+            convert.load_into(gpt, convert.shard_state_dict(full, model, rank, world))
+            del full
+            save(run(gpt, job["tokens"], model.vocab_size), job["out"])
+        elif kind == "cli":
+            assert convert.main(job["argv"]) == 0, job["argv"]
+        elif kind == "ckpt_logits":
+            _, model = convert.megatron_io.checkpoint_model_config(job["ckpt"])
+            gpt = build(model)
+            checkpoint.load_model_weights(job["ckpt"], gpt)
+            save(run(gpt, job["tokens"], model.vocab_size), job["out"])
+        elif kind == "random_ckpt":
+            model, pp = ModelConfig(**job["model"]), job.get("pp", 1)
+            if pp > 1:
+                layout(world // pp, pp)
+            gpt = build(model, pp)
+            config = to_dict(LETConfig(model=model, parallel=ParallelConfig(
+                tensor_model_parallel_size=world // pp, pipeline_model_parallel_size=pp)))
+            checkpoint.save_checkpoint(job["out"], 7, [gpt], None, None, 0, config)
+            if pp == 1:
+                save(run(gpt, job["tokens"], model.vocab_size), job["logits_out"])
+            offset = parallel_state.get_pipeline_model_parallel_rank() * (model.num_layers // pp)
+            shard = {re.sub(r"^decoder\.layers\.(\d+)\.", lambda m: f"decoder.layers.{int(m[1]) + offset}.", k): v
+                     for k, v in gpt.state_dict().items() if not k.endswith("_extra_state")}
+            torch.save(shard, job["shards_out"].format(rank=dist.get_rank()))
+            if pp > 1:
+                layout(world, 1)
+        elif kind == "read_ckpt":
+            model, state = convert.read_checkpoint(job["ckpt"])
+            save({"config": dataclasses.asdict(model), "state": state}, job["out"])
+        else:
+            raise ValueError(f"unknown job kind {kind!r}")
+        dist.barrier()
+        if dist.get_rank() == 0:
+            print(f"{kind}: {time.time() - start:.1f}s", flush=True)
+    parallel.shutdown()
+
+
+if __name__ == "__main__":  # the dist-checkpoint writer's workers re-import __main__
+    sys.exit(main())
