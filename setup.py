@@ -2,8 +2,8 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
-HF = ["transformers>=4.46", "safetensors", "gguf>=0.10"]  # tested: transformers 5.23.0, gguf 0.19.0
-EVAL = ["lm-eval==0.4.13", "datasets>=2.16", "accelerate>=0.26", "transformers>=4.46"]
+HF = ["transformers>=5.0", "safetensors", "gguf>=0.10", "accelerate>=0.26"]  # tested: 5.23.0, gguf 0.19.0
+EVAL = ["lm-eval==0.4.13", "datasets>=2.16", "accelerate>=0.26", "transformers>=5.0"]
 
 setup(
     name="megatron-let",

@@ -200,6 +200,12 @@ def local_layer_spec() -> ModuleSpec:
                 submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
             ),
             mlp_bda=get_bias_dropout_add,
+            # Checkpoint under Transformer Engine's names (TE fuses these norms into the next
+            # linear), so a checkpoint saved on CPU loads into a TE model on GPU and back.
+            sharded_state_dict_keys_map={
+                "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+            },
         ),
     )
 
