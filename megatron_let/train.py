@@ -9,11 +9,13 @@ megatron's ``forward_backward_func`` (1F1B with PP) + optimizer step.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
 import os
 import signal
+import subprocess
 import sys
 import time
 from functools import partial
@@ -42,6 +44,8 @@ from megatron_let.teacher import Teacher
 
 logger = logging.getLogger("megatron_let")
 
+_LAUNCHER_VARIABLES = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                       "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT"}
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -227,8 +231,40 @@ class Trainer:
         self.consumed_samples = int(common["consumed_samples"])
         self._print(f"loaded checkpoint {checkpoint.resolve_checkpoint(ck.load)} at iteration {self.iteration}")
 
+    def _convert_hf_teacher(self) -> None:
+        """teacher.hf_path → a megatron-let checkpoint, once: the first rank converts it in a
+        subprocess (conversion runs in the CPU mode), the others wait; then teacher.load points at it."""
+        teacher = self.cfg.teacher
+        if teacher.hf_path is None:
+            return
+        from megatron_let.config import _is_checkpoint
+        from megatron_let.resources import cache_dir
+        from megatron_let.teacher import teacher_layout
+
+        tp = teacher_layout(teacher, parallel_state.get_tensor_model_parallel_world_size()).tensor_parallel
+        if teacher.load is None:
+            key = hashlib.sha1(f"{teacher.hf_path}|{teacher.gguf_file}|tp{tp}".encode()).hexdigest()[:16]
+            teacher.load = str(cache_dir() / "teachers" / key)
+        if dist.get_rank() == 0 and not _is_checkpoint(teacher.load):
+            from megatron_let.resources import resolve_model_path
+
+            command = [sys.executable, "-m", "megatron_let.convert", "import",
+                       "--hf-path", str(resolve_model_path(teacher.hf_path)), "--output", teacher.load,
+                       "--tensor-model-parallel-size", str(tp)]
+            if teacher.gguf_file:
+                command += ["--gguf-file", teacher.gguf_file]
+            self._print(f"converting the teacher {teacher.hf_path} into {teacher.load}")
+            # A world of its own: none of torchrun's / Slurm's rendezvous variables.
+            env = {key: value for key, value in os.environ.items()
+                   if not key.startswith(("TORCHELASTIC_", "SLURM_")) and key not in _LAUNCHER_VARIABLES}
+            result = subprocess.run(command, env=env, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"teacher.hf_path: converting {teacher.hf_path} failed:\n{result.stderr[-3000:]}")
+        dist.barrier()
+
     def _build_teacher(self) -> None:
         """Teacher + hook on the stage owning layer k; weights loaded collectively by all ranks."""
+        self._convert_hf_teacher()
         owner_pp, owner_vp = layer_owner(self.config, self.target_layer)
         owns = parallel_state.get_pipeline_model_parallel_rank() == owner_pp
         if owns:

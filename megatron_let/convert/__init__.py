@@ -11,8 +11,8 @@
 from megatron_let.convert.cli import main
 from megatron_let.convert.common import ConversionError, load_into, shard_state_dict
 from megatron_let.convert.hf_export import export_checkpoint, write_hf
-from megatron_let.convert.hf_import import ARCHITECTURES, load_hf
+from megatron_let.convert.hf_import import ARCHITECTURES, hf_model_config, load_hf
 from megatron_let.convert.megatron_io import import_checkpoint, read_checkpoint
 
-__all__ = ["ARCHITECTURES", "ConversionError", "export_checkpoint", "import_checkpoint", "load_hf", "load_into",
+__all__ = ["ARCHITECTURES", "ConversionError", "export_checkpoint", "hf_model_config", "import_checkpoint", "load_hf", "load_into",
            "main", "read_checkpoint", "shard_state_dict", "write_hf"]

@@ -25,6 +25,24 @@ def architecture(model_type: Optional[str], source: str):
     return ARCHITECTURES[model_type]
 
 
+def hf_model_config(path: str | Path, gguf_file: Optional[str] = None) -> ModelConfig:
+    """The megatron-let ModelConfig of a Hugging Face model, from its config alone (no weights)."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if gguf_file is not None:
+        file = Path(gguf_file) if Path(gguf_file).is_absolute() else path / gguf_file
+        if not file.is_file():
+            raise ConversionError(f"{file}: GGUF file not found")
+        hf = AutoConfig.from_pretrained(str(file.parent), gguf_file=file.name)
+        source = str(file)
+    else:
+        source = str(path / "config.json")
+        read_hf_config(path)  # a clear error for a missing directory or config.json
+        hf = AutoConfig.from_pretrained(str(path))
+    return architecture(getattr(hf, "model_type", None), source).model_config(hf)
+
+
 def load_hf(path: str | Path, gguf_file: Optional[str] = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """The megatron-let ModelConfig (``vocab_size`` = the HF vocab) and the full TP=1 state dict of
     a Hugging Face checkpoint, named as ``GPTModel.state_dict()`` names them, vocab rows padded with
