@@ -135,7 +135,7 @@ class Trainer:
         self.hook_chunk = None
         self.owner_stage = None
         self.teacher_present = cfg.alignment_active and self.iteration < cfg.alignment.stop_step
-        if self.teacher_present and self.iteration < cfg.alignment.stop_step:
+        if self.teacher_present:
             self._build_teacher()
 
         self.flops = self._flops_counter()
