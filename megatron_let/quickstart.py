@@ -45,7 +45,7 @@ class Plan:
     eval_iters: int = 8
     lr: float = 2e-3
     teacher: tuple = (4, 96, 4, 256)  # layers, hidden, heads, ffn
-    target: tuple = (8, 192, 6, 512)
+    target: tuple = (10, 192, 6, 512)  # 10× the teacher's non-embedding parameters
 
     @classmethod
     def smoke(cls) -> "Plan":
@@ -166,6 +166,7 @@ def write_report(report: Path, runs: dict, plan: Plan, params: dict) -> str:
     target_loss = base_valid[-1]["lm_loss"]
     reach = next((r["iteration"] for r in let_valid if r["lm_loss"] <= target_loss), None)
 
+    teacher_valid, teacher_test = data["teacher"][1], data["teacher"][2]
     rows = []
     for name in ("baseline", "let"):
         train, valid, test = data[name]
@@ -187,6 +188,9 @@ def write_report(report: Path, runs: dict, plan: Plan, params: dict) -> str:
     ]
     for name, vl, vp, tl, tp, wall, tps in rows:
         lines.append(f"| {name} | {vl:.4f} | {vp:.2f} | {tl:.4f} | {tp:.2f} | {wall:.0f} | {tps:.0f} |")
+    lines.append(f"| (teacher) | {teacher_valid[-1]['lm_loss']:.4f} | {teacher_valid[-1]['perplexity']:.2f} | "
+                 f"{teacher_test[-1]['lm_loss']:.4f} | {teacher_test[-1]['perplexity']:.2f} | "
+                 f"{runs['teacher']['wall_s']:.0f} | |")
     lines += ["", (f"LET reaches the baseline's final valid loss ({target_loss:.4f}) at step {reach} of "
                    f"{plan.target_iters} ({plan.target_iters / reach:.2f}× fewer steps)." if reach else
                    f"LET does not reach the baseline's final valid loss ({target_loss:.4f}) within "
@@ -197,6 +201,8 @@ def write_report(report: Path, runs: dict, plan: Plan, params: dict) -> str:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, (_, valid, _) in data.items():
+        if name == "teacher":
+            continue
         ax.plot([r["iteration"] for r in valid], [r["lm_loss"] for r in valid], marker="o", ms=3, label=name)
     ax.axvline(plan.stop_step, color="gray", ls="--", lw=0.8, label="S_stop")
     ax.set_xlabel("step"), ax.set_ylabel("valid loss"), ax.legend(), ax.grid(alpha=0.3)
@@ -234,7 +240,9 @@ def main(argv=None) -> int:
 
     runs = {}
     teacher_dir = work / "runs" / "teacher"
-    train("teacher", training_config(plan, prefixes, teacher_model, plan.teacher_iters, teacher_dir), work)
+    runs["teacher"] = train("teacher", training_config(plan, prefixes, teacher_model, plan.teacher_iters,
+                                                       teacher_dir), work)
+    runs["teacher"]["save"] = str(teacher_dir)
     teacher = {"model": teacher_model, "load": str(teacher_dir)}
     for name, with_teacher in (("baseline", None), ("let", teacher)):
         save = work / "runs" / name

@@ -119,6 +119,7 @@ class Trainer:
         self.iteration = 0
         self.consumed_samples = 0
         self.exit_requested = False
+        self._saved_iteration: Optional[int] = None
 
         self.model = self._build_model()
         self.config = self.model[0].config
@@ -470,8 +471,9 @@ class Trainer:
         return 0
 
     def save(self) -> None:
-        if not self.cfg.checkpoint.save:
+        if not self.cfg.checkpoint.save or self._saved_iteration == self.iteration:
             return
+        self._saved_iteration = self.iteration
         path = checkpoint.save_checkpoint(
             self.cfg.checkpoint.save, self.iteration, self.model, self.optimizer, self.scheduler,
             self.consumed_samples, to_dict(self.cfg),
