@@ -19,7 +19,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = ["usage: megatron-let <command> [options]", "", "commands:"]
-        lines += [f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items()]
+        lines += [f"  {name:<16} {help_}" for name, (_, help_) in COMMANDS.items()]
         print("\n".join(lines), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     import importlib
