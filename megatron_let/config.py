@@ -425,11 +425,6 @@ def validate(cfg: LETConfig, where=lambda key: "config") -> None:
     if vpp is not None and (pp < 2 or cfg.model.num_layers % (pp * vpp)):
         bad("parallel.virtual_pipeline_model_parallel_size",
             f"needs pipeline_model_parallel_size >= 2 and num_layers divisible by pp*vpp ({pp}*{vpp})")
-    if vpp is not None and cfg.device == "cpu":
-        # Seen: megatron's interleaved schedule over gloo p2p gives wrong losses from the third
-        # microbatch on (tests/harness runs); the 1F1B schedule is exact.
-        bad("parallel.virtual_pipeline_model_parallel_size",
-            "interleaved pipelining is not supported in the CPU mode (gloo); use it on GPUs (NCCL)")
     if cfg.parallel.use_distributed_optimizer and cfg.device == "cpu":
         bad("parallel.use_distributed_optimizer", "needs reduce-scatter, which gloo lacks: GPU only")
     if cfg.parallel.sequence_parallel and tp == 1:

@@ -23,12 +23,14 @@ LAYOUTS = {
     "tp2_replicated_teacher": (2, 3, 3, ["parallel.tensor_model_parallel_size=2"]),
     "pp2_k_on_stage1": (2, 3, 2, ["parallel.pipeline_model_parallel_size=2"]),
     "pp2_k_on_stage0": (2, 2, 2, ["parallel.pipeline_model_parallel_size=2"]),
+    "pp2_interleaved": (2, 3, 2, ["parallel.pipeline_model_parallel_size=2",
+                                  "parallel.virtual_pipeline_model_parallel_size=2"]),
     "dp2": (2, 3, 2, []),
     "tp2_sequence_parallel": (2, 3, 2, ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]),
     "tp2_pp2": (4, 3, 2, ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"]),
 }
 EXPECTED_TEACHER_RANKS = {  # megatron's rank order is TP fastest, then DP, then PP
-    "tp2": [0, 1], "tp2_replicated_teacher": [0, 1], "pp2_k_on_stage1": [1], "pp2_k_on_stage0": [0],
+    "tp2": [0, 1], "tp2_replicated_teacher": [0, 1], "pp2_k_on_stage1": [1], "pp2_k_on_stage0": [0], "pp2_interleaved": [0],
     "dp2": [0, 1], "tp2_sequence_parallel": [0, 1], "tp2_pp2": [2, 3],
 }
 
