@@ -16,7 +16,6 @@ modules never rely on it: they take devices from their inputs, and their unit te
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 
@@ -77,10 +76,6 @@ def enable_cpu_mode() -> None:
     _ENABLED = True
 
 
-def cpu_mode_enabled() -> bool:
-    return _ENABLED
-
-
 def init_rng(seed: int) -> None:
     """CPU stand-in for ``model_parallel_cuda_manual_seed``: same seed on every rank, and an RNG
     tracker that megatron's sequence-parallel dropout and transformer block can use without CUDA."""
@@ -89,7 +84,3 @@ def init_rng(seed: int) -> None:
     torch.manual_seed(seed)
     tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
 
-
-@functools.lru_cache(maxsize=None)
-def gloo_available() -> bool:
-    return torch.distributed.is_gloo_available()

@@ -34,9 +34,6 @@ def main():
     out = Path(args.out)
     checkpoint.save_checkpoint(out / "grads", trainer.iteration, trainer.model, None, None,
                                trainer.consumed_samples, {})
-    if dist.get_rank() == 0:
-        record["teacher_ranks"] = None
-        (out / "metrics.json").write_text(json.dumps(record))
     owners = torch.tensor([1.0 if trainer.teacher is not None else 0.0])
     gathered = [torch.zeros(1) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, owners)
