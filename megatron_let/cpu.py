@@ -77,10 +77,20 @@ def enable_cpu_mode() -> None:
 
 
 def init_rng(seed: int) -> None:
-    """CPU stand-in for ``model_parallel_cuda_manual_seed``: same seed on every rank, and an RNG
-    tracker that megatron's sequence-parallel dropout and transformer block can use without CUDA."""
-    from megatron.core import tensor_parallel
+    """CPU stand-in for ``model_parallel_cuda_manual_seed``: the same seed for the CPU generator on
+    every rank (dropout outside tensor-parallel regions), and megatron's RNG tracker with its
+    streams as CPU generator states — the model-parallel one seeded ``seed + 2718 + TP rank``, so
+    attention dropout (and sequence-parallel dropout) differs per TP rank as megatron intends
+    (:class:`megatron_let.rng.CpuRNGStatesTracker`; call after ``initialize_model_parallel``)."""
+    from megatron.core import parallel_state
+
+    from megatron_let.rng import install_cpu_rng_tracker
 
     torch.manual_seed(seed)
-    tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+    ranks = {"tp_rank": 0, "ep_rank": 0, "etp_rank": 0}
+    if parallel_state.model_parallel_is_initialized():
+        ranks = {"tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+                 "ep_rank": parallel_state.get_expert_model_parallel_rank(),
+                 "etp_rank": parallel_state.get_expert_tensor_parallel_rank()}
+    install_cpu_rng_tracker(seed, **ranks)
 

@@ -2,6 +2,10 @@
 
 They plug into a layer spec in place of ``TransformerLayer`` and keep its submodules, so their
 weights, state-dict names and dist-checkpoint keys are those of the stock layer.
+
+* :class:`SeededTransformerLayer`: the stock layer, its weights drawn from a generator seeded by
+  (seed, global layer index), whatever the pipeline layout (see :mod:`megatron_let.initialization`).
+* :class:`ParallelResidualTransformerLayer`: the GPT-NeoX block (seeded the same way).
 """
 
 from __future__ import annotations
@@ -10,11 +14,31 @@ from typing import Any, Optional
 
 from torch import Tensor
 
-from megatron.core.transformer.transformer_layer import TransformerLayer
-from megatron.core.utils import deprecate_inference_params, make_viewless_tensor
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
+from megatron.core.utils import deprecate_inference_params, get_pg_rank, make_viewless_tensor
+
+from megatron_let import initialization
 
 
-class ParallelResidualTransformerLayer(TransformerLayer):
+class SeededTransformerLayer(TransformerLayer):
+    """megatron's ``TransformerLayer``, built under a CPU generator seeded from (seed,
+    ``decoder.layers.{i}``) with ``i`` the layer's global 0-based index: its initial weights are the
+    same on whichever pipeline stage / virtual chunk builds it. megatron's own init methods and draw
+    order are kept; the process's RNG is restored afterwards."""
+
+    def __init__(self, config, submodules, layer_number: int = 1, hidden_dropout: Optional[float] = None,
+                 pg_collection: Optional[ProcessGroupCollection] = None, vp_stage: Optional[int] = None):
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+        # The same global number TransformerLayer computes (layer_number is 1-based within the chunk).
+        index = layer_number - 1 + get_transformer_layer_offset(config, vp_stage, get_pg_rank(pg_collection.pp))
+        with initialization.seeded(f"decoder.layers.{index}"):
+            super().__init__(config, submodules, layer_number=layer_number, hidden_dropout=hidden_dropout,
+                             pg_collection=pg_collection, vp_stage=vp_stage)
+
+
+class ParallelResidualTransformerLayer(SeededTransformerLayer):
     """GPT-NeoX / GPT-J block: ``x + attn(ln1(x)) + mlp(ln2(x))``.
 
     Attention and MLP both read the layer's input (megatron's layer feeds the MLP with the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import Optional
@@ -9,7 +10,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -25,10 +26,11 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
+from megatron_let import initialization
 from megatron_let.config import ModelConfig
-from megatron_let.layers import ParallelResidualTransformerLayer
+from megatron_let.layers import ParallelResidualTransformerLayer, SeededTransformerLayer
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +96,14 @@ def transformer_config(
         fp16=fp16,
         pipeline_dtype=params_dtype,
         autocast_dtype=params_dtype,
-        use_cpu_initialization=on_cpu,
+        # Always: every weight is drawn on the CPU as the full tensor, then split across TP ranks
+        # (megatron's _initialize_affine_weight_cpu; the TE wrappers do the same and hand TE a no-op
+        # init), and the model is moved to the GPU afterwards. GPU initialisation draws each rank's
+        # shard from the CUDA RNG tracker's model-parallel stream, seeded seed + 2718 + TP rank, so
+        # it changes with TP. With the per-layer / per-name seeding of megatron_let.initialization
+        # the initial model is then one function of the seed on every layout, CPU or GPU, TE or not.
+        # Cost: one CPU draw of each stage's full weights per TP rank, at start-up only.
+        use_cpu_initialization=True,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
@@ -171,18 +180,25 @@ class SDPAttention(MegatronModule):
         mask = None
         if not causal and attention_mask is not None:
             mask = ~attention_mask  # megatron's masks are True where attention is *blocked*
-        context = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal,
-            dropout_p=self.dropout if self.training else 0.0, scale=self.softmax_scale,
-        )
+        dropout = self.dropout if self.training else 0.0
+        # As megatron's DotProductAttention: the attention dropout draws from the tracker's
+        # model-parallel stream (different on each TP rank, whose heads differ); under sequence
+        # parallelism the TransformerBlock has already forked it around the whole layer.
+        rng = (tensor_parallel.get_cuda_rng_tracker().fork()
+               if dropout > 0 and not self.config.sequence_parallel else contextlib.nullcontext())
+        with rng:
+            context = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout, scale=self.softmax_scale,
+            )
         sq, b = query.shape[0], query.shape[1]
         return context.permute(2, 0, 1, 3).reshape(sq, b, -1)
 
 
 def local_layer_spec() -> ModuleSpec:
-    """A Llama/GPT layer from megatron-core's own parallel linears + our Norm and SDPAttention."""
+    """A Llama/GPT layer from megatron-core's own parallel linears + our Norm and SDPAttention
+    (a :class:`SeededTransformerLayer`: layout-independent initial weights)."""
     return ModuleSpec(
-        module=TransformerLayer,
+        module=SeededTransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=Norm,
             self_attention=ModuleSpec(
@@ -217,7 +233,8 @@ def decoder_block_spec(config: TransformerConfig, use_te: bool, vp_stage: Option
                        pp_rank: int, parallel_residual: bool = False) -> ModuleSpec:
     """This stage's decoder: its layers and the final norm (TE's, or our SP-aware Norm; megatron's
     default torch norm refuses sequence parallelism). ``parallel_residual`` swaps in the GPT-NeoX
-    layer, which keeps the same submodules (and so the same weights and checkpoint keys)."""
+    layer, which keeps the same submodules (and so the same weights and checkpoint keys). Both layers
+    are seeded per global layer index (megatron_let.initialization), with TE and local modules."""
     if use_te:
         from megatron.core.extensions.transformer_engine import TENorm
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
@@ -225,9 +242,8 @@ def decoder_block_spec(config: TransformerConfig, use_te: bool, vp_stage: Option
         layer, final_norm = get_gpt_layer_with_transformer_engine_spec(), TENorm
     else:
         layer, final_norm = local_layer_spec(), Norm
-    if parallel_residual:
-        layer = ModuleSpec(module=ParallelResidualTransformerLayer, params=layer.params,
-                           submodules=layer.submodules)
+    layer_class = ParallelResidualTransformerLayer if parallel_residual else SeededTransformerLayer
+    layer = ModuleSpec(module=layer_class, params=layer.params, submodules=layer.submodules)
     count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     return ModuleSpec(
         module=TransformerBlock,
@@ -245,29 +261,37 @@ def build_gpt(
     post_process: bool = True,
     vp_stage: Optional[int] = None,
     pg_collection=None,
+    seed: Optional[int] = None,
 ) -> GPTModel:
-    """One GPTModel (one pipeline stage / virtual chunk of it)."""
+    """One GPTModel (one pipeline stage / virtual chunk of it), on the CPU.
+
+    Its initial weights are a function of ``seed`` and each parameter's global name only, the same
+    for every TP / PP / VPP / DP layout (megatron_let.initialization). ``seed`` defaults to the one
+    last given to ``torch.manual_seed`` (``parallel.seed_everything``; the teacher sets its own).
+    Building leaves the process's RNG state as it found it."""
     if pg_collection is not None:
         pp_rank = torch.distributed.get_rank(pg_collection.pp)
     else:
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    gpt = GPTModel(
-        config=config,
-        transformer_layer_spec=decoder_block_spec(config, use_te, vp_stage, pp_rank,
-                                                  parallel_residual=model.parallel_residual),
-        vocab_size=padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, tensor_parallel),
-        max_sequence_length=model.max_position_embeddings,
-        pre_process=pre_process,
-        post_process=post_process,
-        share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
-        position_embedding_type=model.position_embedding_type,
-        rotary_percent=model.rotary_percent,
-        rotary_base=model.rotary_base,
-        rope_scaling=model.rope_scaling,
-        rope_scaling_factor=model.rope_scaling_factor,
-        vp_stage=vp_stage,
-        pg_collection=pg_collection,
-    )
+    with initialization.build_scope(torch.initial_seed() if seed is None else seed):
+        gpt = GPTModel(
+            config=config,
+            transformer_layer_spec=decoder_block_spec(config, use_te, vp_stage, pp_rank,
+                                                      parallel_residual=model.parallel_residual),
+            vocab_size=padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, tensor_parallel),
+            max_sequence_length=model.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
+            position_embedding_type=model.position_embedding_type,
+            rotary_percent=model.rotary_percent,
+            rotary_base=model.rotary_base,
+            rope_scaling=model.rope_scaling,
+            rope_scaling_factor=model.rope_scaling_factor,
+            vp_stage=vp_stage,
+            pg_collection=pg_collection,
+        )
+        initialization.init_embedding_and_output(gpt, model.vocab_size)
     return gpt
 
 

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from megatron.core import parallel_state, tensor_parallel
 
-from megatron_let import cpu
+from megatron_let import cluster, cpu
 from megatron_let.config import LETConfig
 
 logger = logging.getLogger(__name__)
@@ -27,19 +27,24 @@ def init_distributed(cfg: LETConfig) -> None:
         cpu.enable_cpu_mode()
     elif not torch.cuda.is_available():
         raise RuntimeError("device: cuda, but CUDA is not available (use device: cpu for the CPU mode)")
-    _env_from_slurm()
+    cluster.env_from_slurm()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if not on_cpu:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(cluster.local_device_index(int(os.environ.get("LOCAL_RANK", "0")),
+                                                         torch.cuda.device_count()))
     if not dist.is_initialized():
+        if world_size > 1 and not {"MASTER_ADDR", "MASTER_PORT"} <= os.environ.keys():
+            raise RuntimeError(
+                f"WORLD_SIZE={world_size} but no rendezvous address: launch with torchrun, or with srun "
+                "inside a Slurm job (MASTER_ADDR / MASTER_PORT are then derived from the job)")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
         dist.init_process_group(
             backend="gloo" if on_cpu else "nccl",
             world_size=world_size,
             rank=rank,
-            timeout=datetime.timedelta(minutes=10),
+            timeout=datetime.timedelta(minutes=cfg.parallel.distributed_timeout_minutes),
         )
     tp = cfg.parallel.tensor_model_parallel_size
     pp = cfg.parallel.pipeline_model_parallel_size
@@ -58,16 +63,6 @@ def init_distributed(cfg: LETConfig) -> None:
     )
     seed_everything(cfg.training.seed, on_cpu)
     _make_singleton_groups()
-
-
-def _env_from_slurm() -> None:
-    """``srun`` without torchrun (one task per GPU): take ranks from Slurm, as Megatron-LM does.
-    Signals then reach the training processes directly (SIGTERM → save and exit 0)."""
-    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
-        return
-    os.environ["RANK"] = os.environ["SLURM_PROCID"]
-    os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
-    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
 
 
 def seed_everything(seed: int, on_cpu: bool) -> None:

@@ -8,13 +8,17 @@ megatron's ``forward_backward_func`` (1F1B with PP) + optimizer step.
 
 from __future__ import annotations
 
+from megatron_let import signals
+
+if __name__ == "__main__":
+    signals.listen_early()  # before the slow imports below: a preemption may arrive during them
+
 import argparse
 import hashlib
 import json
 import logging
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -33,7 +37,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
-from megatron_let import checkpoint, parallel
+from megatron_let import checkpoint, cluster, parallel
 from megatron_let.alignment import alignment_weight
 from megatron_let.config import LETConfig, load_config, resolve_layers, to_dict
 from megatron_let.data import build_datasets, make_iterator
@@ -55,13 +59,40 @@ def resolve_precision(cfg: LETConfig) -> str:
     return "fp32" if cfg.device == "cpu" else "bf16"
 
 
+def _record_key(record: dict) -> tuple:
+    return record.get("split", "train"), record.get("iteration", 0)
+
+
+def _truncate_jsonl(path: Path, last_iteration: int) -> set:
+    """Keep the records of iterations <= ``last_iteration`` (atomically; a torn last line from a
+    killed writer is dropped too). Returns the (split, iteration) keys kept."""
+    if not path.exists():
+        return set()
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("iteration", 0) <= last_iteration:
+            kept.append(record)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
+    os.replace(tmp, path)
+    return {_record_key(record) for record in kept}
+
+
 class MetricsLogger:
     """stdout + JSONL + TensorBoard, on global rank 0 (metrics are all-reduced beforehand)."""
 
-    def __init__(self, cfg: LETConfig):
+    def __init__(self, cfg: LETConfig, start_iteration: int):
+        """``start_iteration``: where this launch resumes. Records written by an earlier launch
+        after that point (the steps between its last save and its interruption) are dropped, so
+        every iteration appears once however often the run restarts."""
         self.active = dist.get_rank() == 0
         self.jsonl = None
         self.tensorboard = None
+        self.recorded: set = set()  # kept from earlier launches (e.g. the final evaluation)
         if not self.active:
             return
         path = cfg.logging.jsonl_path
@@ -69,17 +100,21 @@ class MetricsLogger:
             path = str(Path(cfg.checkpoint.save) / "metrics.jsonl")
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.recorded = _truncate_jsonl(Path(path), start_iteration)
             self.jsonl = open(path, "a")
         if cfg.logging.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(cfg.logging.tensorboard_dir)
+            # TensorBoard hides events of an earlier launch from purge_step on.
+            self.tensorboard = SummaryWriter(cfg.logging.tensorboard_dir, purge_step=start_iteration + 1)
 
     def log(self, record: dict, console: Optional[str] = None) -> None:
         if not self.active:
             return
         if console:
             print(console, flush=True)
+        if _record_key(record) in self.recorded:
+            return
         if self.jsonl:
             self.jsonl.write(json.dumps(record) + "\n")
             self.jsonl.flush()
@@ -118,8 +153,11 @@ class Trainer:
         self.num_microbatches = train.global_batch_size // (train.micro_batch_size * self.dp_size)
         self.iteration = 0
         self.consumed_samples = 0
-        self.exit_requested = False
+        self.exit_signal: Optional[str] = None  # the signal that asked this run to stop (any rank's)
+        self.started = time.monotonic()
         self._saved_iteration: Optional[int] = None
+        self._install_signal_handler()
+        self.lock = self._lock_checkpoint_directory()
 
         self.model = self._build_model()
         self.config = self.model[0].config
@@ -128,6 +166,7 @@ class Trainer:
         self.config.finalize_model_grads_func = finalize_model_grads
         no_sync = [chunk.no_sync for chunk in self.model]
         self.config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        self._align_scheduler()
         self._resume()
 
         self.target_layer, self.teacher_layer = resolve_layers(cfg)
@@ -142,7 +181,7 @@ class Trainer:
         self.flops = self._flops_counter()
         self.datasets = build_datasets(cfg, self._dataset_sizes())
         self.train_data = self._iterators(self.datasets[0], self.consumed_samples)
-        self.metrics = MetricsLogger(cfg)
+        self.metrics = MetricsLogger(cfg, self.iteration)
         self._log_setup()
 
     # ----------------------------------------------------------------------------- building
@@ -217,20 +256,29 @@ class Trainer:
         )
         return optimizer, scheduler
 
+    def _align_scheduler(self) -> None:
+        """The scheduler always stands at the iteration about to run (1-based): iteration i trains
+        at schedule(i), so the first warm-up step is not spent at lr 0 (megatron's scheduler
+        starts at schedule(0) = init_lr), and the lr logged for an iteration is the one it used."""
+        self.scheduler.step(increment=self.iteration + 1 - self.scheduler.num_steps)
+
     def _resume(self) -> None:
         ck = self.cfg.checkpoint
         if not ck.load:
             return
-        has_tracker = checkpoint.latest_iteration(ck.load) is not None
-        if not has_tracker and not (Path(ck.load) / "metadata.json").exists():
+        if not checkpoint.has_checkpoint(ck.load):
             if ck.save and Path(ck.load).resolve() == Path(ck.save).resolve():
                 self._print(f"no checkpoint in {ck.load} yet: starting from scratch")
                 return
             raise FileNotFoundError(f"checkpoint.load: {ck.load} holds no megatron-let checkpoint")
-        common = checkpoint.load_checkpoint(ck.load, self.model, self.optimizer, self.scheduler)
+        directory = checkpoint.resolve_checkpoint(ck.load)
+        common = checkpoint.load_checkpoint(directory, self.model, self.optimizer, self.scheduler)
         self.iteration = int(common["iteration"])
         self.consumed_samples = int(common["consumed_samples"])
-        self._print(f"loaded checkpoint {checkpoint.resolve_checkpoint(ck.load)} at iteration {self.iteration}")
+        self._align_scheduler()
+        if ck.save and Path(ck.save).resolve() == directory.parent.resolve():
+            self._saved_iteration = self.iteration  # already on disk: never written again
+        self._print(f"loaded checkpoint {directory} at iteration {self.iteration}")
 
     def _convert_hf_teacher(self) -> None:
         """teacher.hf_path → a megatron-let checkpoint, once: the first rank converts it in a
@@ -287,8 +335,9 @@ class Trainer:
             self.hook.remove()
             self.teacher.release()
         self.hook = self.teacher = self.hook_chunk = None
-        self._print(f"iteration {self.iteration}: λ reached 0 (S_stop={self.cfg.alignment.stop_step}); "
-                    "teacher released")
+        # Iteration i (1-based, as in the log) runs at step s = i - 1 of Eq. 5.
+        self._print(f"iteration {self.iteration + 1}: λ = 0 from here on (S_stop="
+                    f"{self.cfg.alignment.stop_step}); teacher released")
 
     def _flops_counter(self) -> FlopsCounter:
         """Compute spent so far (target training + teacher forwards until S_stop), restored on resume."""
@@ -359,6 +408,7 @@ class Trainer:
             micro_batch_size=cfg.training.micro_batch_size,
             forward_only=False,
         )
+        lr = self.optimizer.param_groups[0]["lr"]  # what this iteration trains at
         success, grad_norm, _ = self.optimizer.step()
         if success:
             self.scheduler.step(increment=1)
@@ -375,7 +425,7 @@ class Trainer:
             "alignment_loss": stats["alignment_loss"],
             "cosine_similarity": stats["cosine_similarity"],
             "lambda": weight,
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "skipped": not success,
             "step_time_s": elapsed,
@@ -441,8 +491,9 @@ class Trainer:
 
     def train(self) -> int:
         cfg = self.cfg
-        self._install_signal_handler()
         interval_records: list[dict] = []
+        if self._should_exit():  # a signal during start-up: nothing trained, nothing to save
+            return self._stop("interrupted", f"{self.exit_signal} received during start-up: exiting")
         while self.iteration < cfg.training.train_iters:
             record = self.train_step()
             interval_records.append(record)
@@ -453,14 +504,19 @@ class Trainer:
             if cfg.eval.eval_interval and self.iteration % cfg.eval.eval_interval == 0:
                 self._log_eval(self.evaluate("valid"))
             if self._should_exit():
-                self._print(f"SIGTERM received: saving at iteration {self.iteration} and exiting")
                 self.save()
-                return 0
-            if cfg.training.exit_interval and self.iteration % cfg.training.exit_interval == 0 \
-                    and self.iteration < cfg.training.train_iters:
-                self._print(f"exit interval reached: saving at iteration {self.iteration} and exiting")
+                return self._stop("interrupted", f"{self.exit_signal or 'signal'} received: "
+                                  f"saved at iteration {self.iteration}, exiting")
+            if self.iteration >= cfg.training.train_iters:
+                break
+            if cfg.training.exit_interval and self.iteration % cfg.training.exit_interval == 0:
                 self.save()
-                return 0
+                return self._stop("exit_interval", f"exit interval reached: saved at iteration {self.iteration}, "
+                                  "exiting")
+            if self._duration_exceeded():
+                self.save()
+                return self._stop("interrupted", f"exit_duration_in_mins reached: saved at iteration "
+                                  f"{self.iteration}, exiting")
             if cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0:
                 self.save()
         if cfg.eval.eval_interval and self.iteration % cfg.eval.eval_interval != 0:
@@ -468,36 +524,83 @@ class Trainer:
         if cfg.eval.test_at_end:
             self._log_eval(self.evaluate("test"))
         self.save()
-        return 0
+        return self._stop("finished", f"training finished at iteration {self.iteration}")
 
     def save(self) -> None:
         if not self.cfg.checkpoint.save or self._saved_iteration == self.iteration:
             return
-        self._saved_iteration = self.iteration
         path = checkpoint.save_checkpoint(
             self.cfg.checkpoint.save, self.iteration, self.model, self.optimizer, self.scheduler,
-            self.consumed_samples, to_dict(self.cfg),
+            self.consumed_samples, to_dict(self.cfg), keep_last=self.cfg.checkpoint.keep_last,
         )
+        self._saved_iteration = self.iteration
         self._print(f"saved checkpoint {path}")
+
+    def _stop(self, status: str, message: str) -> int:
+        """Report how the run ended. ``MEGATRON_LET_EXIT_STATE`` (set by the sbatch scripts) names
+        a file that gets the status, which tells the script whether to requeue the job:
+        ``interrupted`` (a signal or the duration limit, before train_iters) → requeue;
+        ``finished`` / ``exit_interval`` → done."""
+        self._print(message)
+        path = os.environ.get("MEGATRON_LET_EXIT_STATE")
+        if path and dist.get_rank() == 0:
+            state = {"status": status, "iteration": self.iteration, "train_iters": self.cfg.training.train_iters,
+                     "signal": self.exit_signal, "checkpoint": self.cfg.checkpoint.save}
+            tmp = Path(path).with_name(Path(path).name + ".tmp")
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(state) + "\n")
+            os.replace(tmp, path)
+        return 0
 
     def close(self) -> None:
         self.metrics.close()
+        if self.lock is not None:
+            self.lock.release()
 
     # ----------------------------------------------------------------------------- helpers
 
     def _install_signal_handler(self) -> None:
-        if not self.cfg.training.exit_signal_handler:
-            return
-
-        def handler(signum, frame):
-            self.exit_requested = True
-
-        signal.signal(signal.SIGTERM, handler)
+        """Slurm signals every process of a job step (preemption, time limit, requeue, scancel):
+        note it and stop at the end of the current step, after a save."""
+        signals.listen(self.cfg.training.exit_signals if self.cfg.training.exit_signal_handler else ())
 
     def _should_exit(self) -> bool:
-        flag = torch.tensor([1.0 if self.exit_requested else 0.0], device=self.device)
+        """Collective: every rank stops if any rank was signalled (Slurm may deliver to some first)."""
+        flag = torch.tensor([1.0 if signals.received() else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0 and self.exit_signal is None:
+            self.exit_signal = signals.received() or "a signal (to another rank)"
         return bool(flag.item() > 0)
+
+    def _duration_exceeded(self) -> bool:
+        """Megatron-LM's --exit-duration-in-mins, decided by rank 0's clock for all ranks."""
+        limit = self.cfg.training.exit_duration_in_mins
+        if limit is None:
+            return False
+        flag = torch.tensor([float(time.monotonic() - self.started > limit * 60)], device=self.device)
+        dist.broadcast(flag, src=0)
+        return bool(flag.item() > 0)
+
+    def _lock_checkpoint_directory(self) -> Optional[cluster.RunLock]:
+        """Rank 0 takes ``checkpoint.save``'s lock (and clears what killed saves left there);
+        every rank learns the outcome, so a refused lock stops all of them at once."""
+        save = self.cfg.checkpoint.save
+        if not save:
+            return None
+        lock, error = None, None
+        if dist.get_rank() == 0:
+            try:
+                lock = cluster.RunLock(save)
+                lock.acquire()
+                for stale in checkpoint.remove_stale(save):
+                    self._print(f"removed {stale} (left by an interrupted save)")
+            except cluster.LockHeld as err:
+                error = str(err)
+        outcome = [error]
+        dist.broadcast_object_list(outcome, src=0)
+        if outcome[0]:
+            raise cluster.LockHeld(f"checkpoint.save: {outcome[0]}")
+        return lock
 
     def _log_eval(self, record: Optional[dict]) -> None:
         if record is None:

@@ -83,3 +83,14 @@ def write_config(path: Path, cfg: dict) -> Path:
 @pytest.fixture(scope="session")
 def token_data(tmp_path_factory):
     return write_token_dataset(tmp_path_factory.mktemp("data") / "tokens")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real single-node Slurm (slurmctld + slurmd + munge on localhost, tests/slurm/cluster.sh);
+    the tests using it skip, saying why, where slurmd cannot run."""
+    from slurm_cluster import SlurmCluster
+
+    cluster = SlurmCluster().start(tmp_path_factory.mktemp("slurm"))
+    yield cluster
+    cluster.stop()

@@ -15,6 +15,7 @@ import torch
 from conftest import tiny_config, torchrun, write_config
 
 LOSS_RTOL = 1e-6
+ALIGN_ATOL = 1e-8  # absolute, on an alignment loss of order 1e-3
 GRAD_RTOL = 1e-5  # max |Δg| relative to max |g|, per tensor (fp32; TP changes reduction order)
 
 # name: (processes, target layer k, teacher heads, overrides)
@@ -102,8 +103,10 @@ def test_losses_match_single_process(runs, layout):
     print(f"\n{layout}: lm loss {ours['lm_loss']!r} vs {ref['lm_loss']!r}, "
           f"alignment loss {ours['alignment_loss']!r} vs {ref['alignment_loss']!r}")
     assert ours["lm_loss"] == pytest.approx(ref["lm_loss"], rel=LOSS_RTOL)
-    assert ours["alignment_loss"] == pytest.approx(ref["alignment_loss"], rel=LOSS_RTOL)
-    assert ours["cosine_similarity"] == pytest.approx(-ref["alignment_loss"], rel=LOSS_RTOL)
+    # The alignment loss is a mean of per-token cosines near 0 at initialisation (|loss| ~ 1e-3):
+    # fp32 summation order across TP shards shows in its relative error, so bound it absolutely too.
+    assert ours["alignment_loss"] == pytest.approx(ref["alignment_loss"], rel=LOSS_RTOL, abs=ALIGN_ATOL)
+    assert ours["cosine_similarity"] == pytest.approx(-ref["alignment_loss"], rel=LOSS_RTOL, abs=ALIGN_ATOL)
     assert ours["lambda"] == ref["lambda"] == 0.1
 
 

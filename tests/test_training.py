@@ -49,7 +49,7 @@ def test_resume_continues_the_same_loss_curve(tmp_path, token_data):
         token_data, checkpoint={"save": str(tmp_path / "resumed"), "load": str(tmp_path / "resumed")}, **common))
     torchrun(2, "-m megatron_let.train", "--config", str(straight))
     first = torchrun(2, "-m megatron_let.train", "--config", str(resumed), "--set", "training.exit_interval=3")
-    assert "exit interval reached: saving at iteration 3" in first.stdout
+    assert "exit interval reached: saved at iteration 3, exiting" in first.stdout
     assert (tmp_path / "resumed" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
     second = torchrun(2, "-m megatron_let.train", "--config", str(resumed))
     assert "at iteration 3" in second.stdout and "teacher released" in second.stdout
@@ -87,7 +87,7 @@ def test_sigterm_saves_after_the_current_step_and_exits_zero(tmp_path, token_dat
     output, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, output[-3000:]
     last = read_jsonl(metrics)[-1]["iteration"]
-    assert f"SIGTERM received: saving at iteration {last}" in output
+    assert f"SIGTERM received: saved at iteration {last}, exiting" in output
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == str(last)
     assert (tmp_path / "ckpt" / f"iter_{last:07d}" / "metadata.json").exists()
     assert not list((tmp_path / "ckpt").glob("*.tmp"))

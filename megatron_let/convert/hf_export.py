@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -71,13 +72,20 @@ def _save_safetensors(state: dict[str, torch.Tensor], out: Path, max_shard_bytes
             size = 0
         shards[-1][name] = tensor
         size += nbytes
+    umask = os.umask(0)
+    os.umask(umask)
+
+    def save(shard: dict, name: str) -> None:
+        save_file(shard, str(out / name), metadata={"format": "pt"})
+        os.chmod(out / name, 0o666 & ~umask)  # safetensors creates files 0600 whatever the umask
+
     if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        save(shards[0], "model.safetensors")
         return
     weight_map = {}
     for i, shard in enumerate(shards, start=1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / name), metadata={"format": "pt"})
+        save(shard, name)
         weight_map.update(dict.fromkeys(shard, name))
     total = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -97,7 +105,7 @@ def _copy_tokenizer(directory: Path, out: Path) -> dict:
     """Copy the tokenizer files; return its bos/eos/pad token ids for the configs."""
     out.mkdir(parents=True, exist_ok=True)
     for path in _tokenizer_files(directory):
-        shutil.copy2(path, out / path.name)
+        shutil.copyfile(path, out / path.name)  # the destination's umask, not the source's mode
     try:
         from transformers import AutoTokenizer
 
