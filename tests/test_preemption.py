@@ -248,3 +248,26 @@ def test_exit_duration_saves_and_reports_interrupted(tmp_path, token_data):
     assert "exit_duration_in_mins reached: saved at iteration 1, exiting" in result.stdout
     assert json.loads(state.read_text())["status"] == "interrupted"
     assert (ckpt / TRACKER).read_text().strip() == "1"
+
+
+def test_tensorboard_has_each_iteration_once_after_a_restart(tmp_path, token_data):
+    """Iterations 4-5 ran, were logged, and were lost to a kill before any save: the restart from
+    iteration 3 logs them again, and TensorBoard shows each step once (the restart's values)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ckpt, board = tmp_path / "ckpt", tmp_path / "tb"
+    cfg = write_config(tmp_path / "run.yaml", tiny_config(
+        token_data, training={"train_iters": 6}, logging={"log_interval": 1, "tensorboard_dir": str(board)},
+        checkpoint={"save": str(ckpt), "load": str(ckpt), "save_interval": 3}))
+    # The first launch: 5 iterations, then "killed" (its checkpoint at 5 removed, as if never written).
+    torchrun(1, "-m megatron_let.train", "--config", str(cfg), "--set", "training.exit_interval=5")
+    os.rename(ckpt / "iter_0000005", ckpt / "iter_0000005.deleting")
+    (ckpt / TRACKER).write_text("3\n")
+    torchrun(1, "-m megatron_let.train", "--config", str(cfg))
+    events = EventAccumulator(str(board))
+    events.Reload()
+    steps = [event.step for event in events.Scalars("train/lm_loss")]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    jsonl = {r["iteration"]: r["lm_loss"] for r in train_records(ckpt / "metrics.jsonl")}
+    assert [event.value for event in events.Scalars("train/lm_loss")] == pytest.approx(
+        [jsonl[i] for i in steps], rel=1e-6)

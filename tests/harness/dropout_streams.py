@@ -12,19 +12,16 @@ Rank 0 writes the gathered outputs to ``OUT`` (a torch file): {"attention": [per
 "attention_again": [...], "attention_eval": [...], "hidden": [...], "mp_states": [...], "default_states": [...]}.
 """
 
-import argparse
 import sys
 
 import torch
 import torch.distributed as dist
 
+import harness_args  # tests/harness/, the script's own directory
+
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--set", action="append", default=[])
-    args = parser.parse_args()
+    args = harness_args.parse_args()
 
     from megatron.core import parallel_state, tensor_parallel
 

@@ -10,13 +10,14 @@ megatron's own ``sharded_state_dict`` (global layer numbers, TP offsets, GLU hal
 reassemble full tensors; then one training step, whose metrics rank 0 writes to ``DIR/NAME/metrics.json``.
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+import harness_args  # tests/harness/, the script's own directory
 
 
 def weight_pieces(model_chunks) -> dict:
@@ -43,10 +44,7 @@ def weight_pieces(model_chunks) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--set", action="append", default=[])
+    parser = harness_args.parser()
     parser.add_argument("--layout", action="append", default=[])
     args = parser.parse_args()
 

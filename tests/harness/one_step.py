@@ -5,7 +5,6 @@ Writes <out>/metrics.json (rank 0: the step's metrics) and <out>/grads/ — a di
 them back at TP=PP=1 through megatron's own resharding and compare them parameter by parameter.
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -13,13 +12,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import harness_args  # tests/harness/, the script's own directory
+
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--set", action="append", default=[])
-    args = parser.parse_args()
+    args = harness_args.parse_args()
 
     from megatron_let import checkpoint, parallel
     from megatron_let.config import load_config

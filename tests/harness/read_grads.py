@@ -5,17 +5,15 @@ without the hook, the aux-loss scaler or megatron's schedule.
 Usage: read_grads.py --config BASE.yaml --set ... --out grads.pt [--direct] DUMP_DIR ...
 """
 
-import argparse
 import sys
 
 import torch
 
+import harness_args  # tests/harness/, the script's own directory
+
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--set", action="append", default=[])
+    parser = harness_args.parser()
     parser.add_argument("--direct", action="store_true")
     parser.add_argument("dumps", nargs="*")
     args = parser.parse_args()

@@ -1,7 +1,6 @@
 """Run the real trainer step by step across S_stop and record, per rank, λ, the alignment metrics,
 and whether the teacher, its hook and its memory are gone afterwards."""
 
-import argparse
 import gc
 import json
 import sys
@@ -10,13 +9,11 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+import harness_args  # tests/harness/, the script's own directory
+
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--set", action="append", default=[])
-    args = parser.parse_args()
+    args = harness_args.parse_args()
 
     from megatron_let import parallel
     from megatron_let.config import load_config
