@@ -20,6 +20,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+from megatron.core.utils import make_viewless_tensor
 
 from megatron_let.alignment import cosine_similarity, logsum_distance
 
@@ -132,7 +133,11 @@ class AlignmentHook:
             m.cosine_sum += float((cos * mask_local).sum())
             m.tokens += shard_tokens
 
-        hidden = AlignmentLossScaler.apply(hidden, aux, scale)
+        # A custom Function returning its input gives a view of it; at the end of a pipeline stage
+        # (or virtual chunk) that view becomes the stage output, which megatron frees after sending
+        # (deallocate_pipeline_outputs) and so must not be a view.
+        hidden = make_viewless_tensor(AlignmentLossScaler.apply(hidden, aux, scale), requires_grad=True,
+                                      keep_graph=True)
         if isinstance(output, tuple):
             return (hidden,) + tuple(output[1:])
         return hidden

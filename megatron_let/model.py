@@ -110,7 +110,9 @@ def transformer_config(
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
-        deallocate_pipeline_outputs=not on_cpu,
+        # As on GPU (Megatron-LM's default): a stage's output is freed once sent, which requires
+        # it not to be a view — the alignment hook's output at the end of a stage included.
+        deallocate_pipeline_outputs=True,
         # gloo's batch_isend_irecv mismatches the interleaved schedule's paired sends/receives
         # (wrong activations from the third microbatch on); single isend/irecv are exact.
         batch_p2p_comm=not on_cpu,
