@@ -507,6 +507,13 @@ def _validate_model(prefix: str, model: ModelConfig, tp: Optional[int], bad) -> 
     if tp is not None and (heads % tp or groups % tp):
         bad(f"{prefix}.num_attention_heads",
             f"tensor_model_parallel_size={tp} cannot split {heads} heads / {groups} query groups")
+    ffn = model.ffn_hidden_size or 4 * model.hidden_size
+    if model.ffn_hidden_size is not None and model.ffn_hidden_size < 1:
+        bad(f"{prefix}.ffn_hidden_size", f"must be >= 1, got {model.ffn_hidden_size}")
+    if tp is not None and ffn % tp:
+        bad(f"{prefix}.ffn_hidden_size",
+            f"{ffn} is not divisible by tensor_model_parallel_size={tp} (megatron splits the FFN across "
+            f"TP ranks; e.g. {ffn - ffn % tp + tp})")
     if model.position_embedding_type == "rope" and not 0 < model.rotary_percent <= 1:
         bad(f"{prefix}.rotary_percent", "must be in (0, 1]")
 

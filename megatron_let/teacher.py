@@ -34,8 +34,11 @@ class TeacherLayout:
 def teacher_layout(cfg: TeacherConfig, tp: int) -> TeacherLayout:
     heads = cfg.model.num_attention_heads
     groups = cfg.model.num_query_groups or heads
+    ffn = cfg.model.ffn_hidden_size or 4 * cfg.model.hidden_size
     if tp > 1 and (heads % tp or groups % tp):
         return TeacherLayout(1, f"its {heads} heads / {groups} query groups do not divide TP={tp}")
+    if tp > 1 and ffn % tp:
+        return TeacherLayout(1, f"its FFN width {ffn} does not divide TP={tp}")
     return TeacherLayout(tp)
 
 
