@@ -95,6 +95,11 @@ class ParallelConfig:
     virtual_pipeline_model_parallel_size: Optional[int] = None
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
+    # megatron DDP, under Megatron-LM's flag names. None = on for device: cuda, off on the CPU.
+    overlap_grad_reduce: Optional[bool] = None  # reduce gradient buckets during the backward pass
+    overlap_param_gather: Optional[bool] = None  # distributed optimizer: all-gather during the forward
+    ddp_bucket_size: Optional[int] = None  # elements per bucket; None = megatron's max(4e7, 1e6 × DP)
+    check_for_nan_in_loss_and_grad: bool = True  # fail fast on a NaN/Inf gradient (Megatron-LM's default)
     # torch.distributed timeout: rank 0 may build dataset indices and convert the teacher while
     # the others wait in a barrier (Megatron-LM's --distributed-timeout-minutes).
     distributed_timeout_minutes: int = 30
@@ -445,6 +450,10 @@ def validate(cfg: LETConfig, where=lambda key: "config") -> None:
     if vpp is not None and (pp < 2 or cfg.model.num_layers % (pp * vpp)):
         bad("parallel.virtual_pipeline_model_parallel_size",
             f"needs pipeline_model_parallel_size >= 2 and num_layers divisible by pp*vpp ({pp}*{vpp})")
+    if cfg.parallel.overlap_param_gather and not cfg.parallel.use_distributed_optimizer:
+        bad("parallel.overlap_param_gather", "needs parallel.use_distributed_optimizer")
+    if cfg.parallel.ddp_bucket_size is not None and cfg.parallel.ddp_bucket_size < 1:
+        bad("parallel.ddp_bucket_size", f"must be >= 1, got {cfg.parallel.ddp_bucket_size}")
     if cfg.parallel.use_distributed_optimizer and cfg.device == "cpu":
         bad("parallel.use_distributed_optimizer", "needs reduce-scatter, which gloo lacks: GPU only")
     if cfg.parallel.sequence_parallel and tp == 1:

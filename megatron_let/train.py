@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Optional
@@ -163,9 +164,7 @@ class Trainer:
         self.config = self.model[0].config
         self.optimizer, self.scheduler = self._build_optimizer()
         self.config.grad_scale_func = self.optimizer.scale_loss
-        self.config.finalize_model_grads_func = finalize_model_grads
-        no_sync = [chunk.no_sync for chunk in self.model]
-        self.config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        self._wire_gradient_sync()
         self._align_scheduler()
         self._resume()
 
@@ -212,15 +211,51 @@ class Trainer:
             if self.precision in ("bf16", "fp16"):
                 chunk = Float16Module(config, chunk)
             chunks.append(chunk)
+        on_gpu = not self.on_cpu
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,
+            overlap_grad_reduce=on_gpu if par.overlap_grad_reduce is None else par.overlap_grad_reduce,
+            overlap_param_gather=(on_gpu and par.use_distributed_optimizer) if par.overlap_param_gather is None
+            else par.overlap_param_gather,
             use_distributed_optimizer=par.use_distributed_optimizer,
+            check_for_nan_in_grad=par.check_for_nan_in_loss_and_grad,
+            bucket_size=par.ddp_bucket_size,
         )
+        # As Megatron-LM: only the first chunk's gradients are bucketed (interleaved schedules).
         return [
             DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=i > 0)
             for i, chunk in enumerate(chunks)
         ]
+
+    def _wire_gradient_sync(self) -> None:
+        """Hand megatron's schedule the DDP hooks, as Megatron-LM does: no_sync during all but the
+        last microbatch, and with overlap the per-chunk grad / param sync starters."""
+        def per_chunk(functions):
+            return functions[0] if len(functions) == 1 else functions
+
+        ddp = self.model[0].ddp_config
+        self.config.no_sync_func = per_chunk([chunk.no_sync for chunk in self.model])
+        if ddp.overlap_grad_reduce:
+            self.config.grad_sync_func = per_chunk([chunk.start_grad_sync for chunk in self.model])
+        if ddp.overlap_param_gather:
+            self.config.param_sync_func = per_chunk([chunk.start_param_sync for chunk in self.model])
+        self.config.finalize_model_grads_func = finalize_model_grads
+
+    @contextmanager
+    def _params_synced(self):
+        """With the distributed optimizer's overlapped param gather, parameters are gathered by
+        forward pre-hooks of the *next* step: evaluation and saving must see them gathered now
+        (Megatron-LM's disable/enable_forward_pre_hook around both)."""
+        hooked = self.model[0].ddp_config.overlap_param_gather
+        if hooked:
+            for chunk in self.model:
+                chunk.disable_forward_pre_hook()  # also finishes the pending gather
+        try:
+            yield
+        finally:
+            if hooked:
+                for chunk in self.model:
+                    chunk.enable_forward_pre_hook()
 
     def _build_optimizer(self):
         opt, train = self.cfg.optimizer, self.cfg.training
@@ -459,9 +494,13 @@ class Trainer:
             "cosine_similarity": float(values[3] / values[4]) if have_align else None,
         }
 
-    @torch.no_grad()
     def evaluate(self, split: str) -> Optional[dict]:
         """Mean LM loss and perplexity over eval_iters global batches of the valid/test split."""
+        with self._params_synced():
+            return self._evaluate(split)
+
+    @torch.no_grad()
+    def _evaluate(self, split: str) -> Optional[dict]:
         dataset = self.datasets[1 if split == "valid" else 2]
         if dataset is None:
             return None
@@ -529,10 +568,11 @@ class Trainer:
     def save(self) -> None:
         if not self.cfg.checkpoint.save or self._saved_iteration == self.iteration:
             return
-        path = checkpoint.save_checkpoint(
-            self.cfg.checkpoint.save, self.iteration, self.model, self.optimizer, self.scheduler,
-            self.consumed_samples, to_dict(self.cfg), keep_last=self.cfg.checkpoint.keep_last,
-        )
+        with self._params_synced():
+            path = checkpoint.save_checkpoint(
+                self.cfg.checkpoint.save, self.iteration, self.model, self.optimizer, self.scheduler,
+                self.consumed_samples, to_dict(self.cfg), keep_last=self.cfg.checkpoint.keep_last,
+            )
         self._saved_iteration = self.iteration
         self._print(f"saved checkpoint {path}")
 

@@ -31,10 +31,18 @@ LAYOUTS = {
     "dp2": (2, 3, 2, []),
     "tp2_sequence_parallel": (2, 3, 2, ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]),
     "tp2_pp2": (4, 3, 2, ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"]),
+    # megatron DDP reducing gradient buckets during the backward (small buckets: several per chunk),
+    # with the interleaved schedule's per-chunk grad-sync hooks.
+    "dp2_overlap_grad_reduce": (2, 3, 2, ["parallel.overlap_grad_reduce=true", "parallel.ddp_bucket_size=20000"]),
+    "pp2_vpp2_dp2_overlap_grad_reduce": (4, 3, 2, ["parallel.pipeline_model_parallel_size=2",
+                                                   "parallel.virtual_pipeline_model_parallel_size=2",
+                                                   "parallel.overlap_grad_reduce=true",
+                                                   "parallel.ddp_bucket_size=20000"]),
 }
 EXPECTED_TEACHER_RANKS = {  # megatron's rank order is TP fastest, then DP, then PP
     "tp2": [0, 1], "tp2_replicated_teacher": [0, 1], "pp2_k_on_stage1": [1], "pp2_k_on_stage0": [0], "pp2_interleaved": [0],
     "dp2": [0, 1], "tp2_sequence_parallel": [0, 1], "tp2_pp2": [2, 3],
+    "dp2_overlap_grad_reduce": [0, 1], "pp2_vpp2_dp2_overlap_grad_reduce": [0, 1],
 }
 
 

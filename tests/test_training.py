@@ -122,3 +122,21 @@ def test_teacher_architecture_comes_from_its_checkpoint(tmp_path, token_data):
     student["teacher"] = {"load": str(tmp_path / "missing")}
     with pytest.raises(ConfigError, match=r"teacher\.load: .*not a megatron-let checkpoint"):
         load_config(write_config(tmp_path / "s3.yaml", student))
+
+
+def test_nan_gradients_stop_the_run_by_default(tmp_path, token_data):
+    """parallel.check_for_nan_in_loss_and_grad (on, as in Megatron-LM): a NaN gradient stops the
+    run in megatron DDP before it reaches the reduction and the weights; off, training goes on."""
+    cfg = write_config(tmp_path / "nan.yaml", tiny_config(
+        token_data, training={"train_iters": 3}, model={"init_method_std": 1.0e30}, optimizer={"clip_grad": 0.0},
+        checkpoint={"save": str(tmp_path / "ckpt")}))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    run = [sys.executable, "-m", "megatron_let.train", "--config", str(cfg)]
+    checked = subprocess.run(run, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert checked.returncode != 0 and "found NaN in local grad norm" in checked.stderr
+    assert not (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").exists()
+    unchecked = subprocess.run(run + ["--set", "parallel.check_for_nan_in_loss_and_grad=false"], capture_output=True,
+                               text=True, cwd=REPO, env=env, timeout=300)
+    assert unchecked.returncode == 0, unchecked.stderr[-3000:]
+    first, *later = read_jsonl(tmp_path / "ckpt" / "metrics.jsonl")
+    assert math.isnan(first["grad_norm"]) and all(math.isnan(r["lm_loss"]) for r in later)  # the weights got it
