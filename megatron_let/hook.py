@@ -61,11 +61,15 @@ class AlignmentLossScaler(torch.autograd.Function):
 
 @dataclass
 class AlignmentMetrics:
-    """Sums over the microbatches of one step, on this rank: (Σ loss·tokens, Σ cos·tokens, tokens)."""
+    """Sums over the microbatches of one step, on this rank: (Σ loss·tokens, Σ cos·tokens, tokens),
+    a float64 tensor on the activations' device: accumulated without a host synchronisation per
+    microbatch, read once per step by the trainer. None before the first microbatch."""
 
-    loss_sum: float = 0.0
-    cosine_sum: float = 0.0
-    tokens: float = 0.0
+    sums: Optional[torch.Tensor] = None
+
+    def add(self, values: torch.Tensor) -> None:
+        values = values.detach().to(torch.float64)
+        self.sums = values if self.sums is None else self.sums + values
 
 
 class AlignmentHook:
@@ -111,10 +115,10 @@ class AlignmentHook:
         teacher_local = self._local_sequence(teacher_hidden)  # [s_local, b, d_T]
         if loss_mask is None:
             mask_local = torch.ones(hidden.shape[:2], device=hidden.device)
-            total_tokens = float(teacher_hidden.shape[0] * teacher_hidden.shape[1])
+            total_tokens = torch.tensor(float(teacher_hidden.shape[0] * teacher_hidden.shape[1]), device=hidden.device)
         else:
             mask_local = self._local_sequence(loss_mask.t().to(hidden.device, torch.float32))
-            total_tokens = float(loss_mask.sum().clamp(min=1))
+            total_tokens = loss_mask.sum().clamp(min=1).to(hidden.device, torch.float32)  # stays on the device
 
         cos = cosine_similarity(hidden, teacher_local)  # [s_local, b], fp32
         if self.loss == "cosine":
@@ -127,11 +131,7 @@ class AlignmentHook:
         aux = weight * local_loss
 
         with torch.no_grad():
-            m = self.metrics
-            shard_tokens = float(mask_local.sum())
-            m.loss_sum += float(local_loss) * total_tokens
-            m.cosine_sum += float((cos * mask_local).sum())
-            m.tokens += shard_tokens
+            self.metrics.add(torch.stack([local_loss * total_tokens, (cos * mask_local).sum(), mask_local.sum()]))
 
         # A custom Function returning its input gives a view of it; at the end of a pipeline stage
         # (or virtual chunk) that view becomes the stage output, which megatron frees after sending

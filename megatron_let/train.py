@@ -476,15 +476,13 @@ class Trainer:
     def _reduce_metrics(self, lm_outputs: list, align) -> dict:
         """All ranks get the global (DP-averaged, token-weighted) LM and alignment metrics."""
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
-        values = torch.zeros(5, dtype=torch.float64)
+        # Summed on the device; the one host read is after the all-reduce, once per step.
+        values = torch.zeros(5, dtype=torch.float64, device=self.device)
         if lm_outputs and parallel_state.is_pipeline_last_stage(ignore_virtual=True) and tp_rank == 0:
-            for item in lm_outputs:
-                values[0] += float(item["lm loss"][0])
-                values[1] += float(item["lm loss"][1])
+            values[:2] = torch.stack([item["lm loss"] for item in lm_outputs]).to(torch.float64).sum(0)
         # TP ranks hold identical alignment values unless the sequence is sharded across them.
-        if align is not None and (self.cfg.parallel.sequence_parallel or tp_rank == 0):
-            values[2], values[3], values[4] = align.loss_sum, align.cosine_sum, align.tokens
-        values = values.to(self.device)
+        if align is not None and align.sums is not None and (self.cfg.parallel.sequence_parallel or tp_rank == 0):
+            values[2:] = align.sums
         dist.all_reduce(values)
         values = values.cpu()
         have_align = values[4] > 0
