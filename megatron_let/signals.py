@@ -50,3 +50,11 @@ def listen_early() -> None:
 def received() -> Optional[str]:
     """The first exit signal this process got, by name, or None."""
     return _received
+
+
+def ignore_from_now_on() -> None:
+    """Once the run has ended (saved and reported), a late exit signal must not kill the process:
+    Python restores the default disposition of every signal with a Python handler while it shuts
+    down, so a signal then would turn a finished run into a killed one. Ignored signals stay ignored."""
+    for name in _listening:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)

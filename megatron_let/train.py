@@ -703,6 +703,7 @@ def run(cfg: LETConfig) -> int:
     try:
         return trainer.train()
     finally:
+        signals.ignore_from_now_on()
         trainer.close()
         parallel.shutdown()
 

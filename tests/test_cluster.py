@@ -141,3 +141,15 @@ def test_submit_refuses_a_directory_another_live_job_writes(tmp_path, token_data
                             env={**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{fake_bin}:{os.environ['PATH']}"})
     assert result.returncode == 2
     assert "being written by Slurm job 4242" in result.stderr
+
+
+def test_a_signal_after_the_run_ended_is_ignored():
+    """After the last save and report, a late exit signal (Slurm's warning racing the end of
+    training) must neither kill the process nor count: Python restores default dispositions at
+    shutdown, which would turn a finished run into one killed by SIGUSR1."""
+    code = ("import os, signal\nfrom megatron_let import signals\nsignals.listen(['SIGTERM', 'SIGUSR1'])\n"
+            "signals.ignore_from_now_on()\nos.kill(os.getpid(), signal.SIGUSR1)\nos.kill(os.getpid(), signal.SIGTERM)\n"
+            "print('alive', signals.received())\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "alive None", result.stderr

@@ -18,6 +18,7 @@ from conftest import REPO, tiny_config, write_config
 
 SCRIPT = REPO / "slurm" / "pretrain_let.sbatch"
 TRAIN_ITERS = 100
+LIMITED_ITERS = 600
 CPU_TASKS = ["--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0"]
 
 
@@ -34,12 +35,12 @@ def saved(ckpt):
 
 
 class Job:
-    def __init__(self, cluster, tmp_path, data, name, sbatch_args=(), submit_with_cli=False):
+    def __init__(self, cluster, tmp_path, data, name, sbatch_args=(), submit_with_cli=False, train_iters=TRAIN_ITERS):
         self.cluster, self.name = cluster, name
         self.ckpt = tmp_path / name / "ckpt"
         self.logs = tmp_path / name / "logs"
         cfg = tiny_config(
-            data, training={"train_iters": TRAIN_ITERS},
+            data, training={"train_iters": train_iters},
             parallel={"pipeline_model_parallel_size": 2}, alignment={"stop_step": 50},
             checkpoint={"save": str(self.ckpt), "load": str(self.ckpt), "save_interval": 20})
         self.config = write_config(tmp_path / f"{name}.yaml", cfg)
@@ -89,7 +90,11 @@ def test_sbatch_jobs_survive_what_clusters_do(slurm_cluster, tmp_path, token_dat
     # (c) first: its 1-minute limit is the longest wait. Warned 30 s ahead (Slurm checks limits
     # every 30 s, so the warning may come up to 30 s early); each run trains for a while, saves on
     # the warning, requeues itself and resumes until train_iters.
-    limited = Job(cluster, tmp_path, token_data, "time_limit", ["--time=1", "--signal=B:USR1@30"])
+    # More work than one 1-minute run can do on any machine (2 cores train ~8 iterations/s at best),
+    # so the limit is reached at least once; its curve is checked for continuity, the other
+    # interrupted jobs' against the uninterrupted one.
+    limited = Job(cluster, tmp_path, token_data, "time_limit", ["--time=1", "--signal=B:USR1@30"],
+                  train_iters=LIMITED_ITERS)
     complete = Job(cluster, tmp_path, token_data, "complete", submit_with_cli=True)
     requeued = Job(cluster, tmp_path, token_data, "requeue")
     signalled = Job(cluster, tmp_path, token_data, "scancel_term")
@@ -126,12 +131,16 @@ def test_sbatch_jobs_survive_what_clusters_do(slurm_cluster, tmp_path, token_dat
         assert not (job.ckpt / ".megatron-let.lock").exists()
     assert summary["complete"]["states"] == ["COMPLETED"] and summary["complete"]["restarts"] == 0
     for name in ("requeue", "scancel_term", "time_limit"):
-        # jobcomp logs each requeued run as PENDING.
+        # jobcomp logs each requeued run as PENDING. Slurm does not always repeat the --signal warning
+        # after a requeue; a run then reaches the hard limit (TIMEOUT): its tasks save on the limit's
+        # SIGTERM within KillWait and the script still requeues the job.
         states = summary[name]["states"]
-        assert summary[name]["restarts"] >= 1 and states == ["PENDING"] * (len(states) - 1) + ["COMPLETED"], name
+        between = {"PENDING", "TIMEOUT"} if name == "time_limit" else {"PENDING"}
+        assert summary[name]["restarts"] >= 1 and set(states[:-1]) <= between and states[-1] == "COMPLETED", name
     assert "SIGUSR1 received by the batch script" in limited.log
-    for job in (requeued, signalled, limited):
+    for job in (requeued, signalled):
         assert_same_curve(job, complete)
+    assert [r["iteration"] for r in records(limited.ckpt)] == list(range(1, LIMITED_ITERS + 1))  # each once
     print("\nSlurm scenarios:", json.dumps(summary, indent=1))
 
 
