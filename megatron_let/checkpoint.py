@@ -88,7 +88,7 @@ def _rng_object() -> ShardedObject:
 def _sharded_state(model_chunks, optimizer, with_optimizer: bool) -> dict:
     state = _model_state(model_chunks)
     if with_optimizer:
-        state["optimizer"] = optimizer.sharded_state_dict(_model_state(model_chunks))
+        state["optimizer"] = optimizer.sharded_state_dict(_model_state(model_chunks), metadata=CONTENT_METADATA)
     state["rng_state"] = _rng_object()
     return state
 
@@ -133,6 +133,7 @@ def _write_tracker(root: Path, iteration: int) -> None:
 
 
 _WRITER_READY = False
+_EXIT_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP}
 
 
 def _start_writer_immune_to_signals() -> None:
@@ -149,7 +150,7 @@ def _start_writer_immune_to_signals() -> None:
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    blocked = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP}
+    blocked = _EXIT_SIGNALS
     # Spawning starts multiprocessing's resource tracker first, which unblocks SIGINT/SIGTERM
     # in this process when it is done: start it before blocking.
     resource_tracker.ensure_running()
@@ -161,9 +162,22 @@ def _start_writer_immune_to_signals() -> None:
     _WRITER_READY = True
 
 
+# How the distributed optimizer's state is laid out on disk, pinned in every checkpoint (megatron's
+# content metadata) and read back on load, so a checkpoint loads the way it was saved whatever the
+# default of a later megatron-core: per-parameter shards in model space, reshardable across TP/PP/DP.
+CONTENT_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+
+
 def save_checkpoint(root: str | Path, iteration: int, model_chunks: list, optimizer, scheduler,
-                    consumed_samples: int, config_dict: dict, keep_last: Optional[int] = None) -> Path:
+                    consumed_samples: int, config_dict: dict, keep_last: Optional[int] = None, *,
+                    fully_parallel: bool = False, async_queue=None) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint directory.
+
+    ``fully_parallel``: megatron's fully parallel save wrapper — replicated tensors (data-parallel
+    copies) are written once, their writing spread over the data-parallel ranks.
+    ``async_queue`` (megatron's ``AsyncCallsQueue``): the tensors are written by a background
+    process while training goes on; the rename from the temp name, the tracker and retention
+    happen when the write is finalized (``finalize_async_saves``). Without it, all happen here.
 
     A complete checkpoint is never removed before its replacement is complete: an iteration that
     is already saved is not written again, and retention (``keep_last``) deletes old ones only
@@ -195,17 +209,49 @@ def save_checkpoint(root: str | Path, iteration: int, model_chunks: list, optimi
         "opt_param_scheduler": scheduler.state_dict() if scheduler is not None else None,
         "config": config_dict,
     })
-    dist_checkpointing.save(state, str(tmp))
-    dist.barrier()
-    if dist.get_rank() == 0:
-        os.replace(tmp, final)
-        _write_tracker(root, iteration)
-        if keep_last:
-            for old in saved_iterations(root)[:-keep_last]:
-                if old != iteration:
-                    _delete_checkpoint(iteration_dir(root, old))
-    dist.barrier()
+    strategy = None
+    if fully_parallel:
+        from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+        from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+        strategy = FullyParallelSaveStrategyWrapper(
+            get_default_save_sharded_strategy(),
+            parallel_state.get_data_parallel_group(with_context_parallel=True), do_cache_distribution=True)
+
+    def finalize() -> None:
+        if dist.get_rank() == 0:
+            os.replace(tmp, final)
+            _write_tracker(root, iteration)
+            if keep_last:
+                for old in saved_iterations(root)[:-keep_last]:
+                    if old != iteration:
+                        _delete_checkpoint(iteration_dir(root, old))
+        dist.barrier()
+
+    request = dist_checkpointing.save(state, str(tmp), sharded_strategy=strategy,
+                                      async_sharded_save=async_queue is not None,
+                                      content_metadata=CONTENT_METADATA)
+    if async_queue is None:
+        dist.barrier()
+        finalize()
+        return final
+    request.add_finalize_fn(finalize)  # after megatron's own (its metadata.json)
+    # The writer is a forked process, and Slurm signals every process of the job: it starts with
+    # the exit signals blocked (inherited), so it finishes the write the trainer's save asked for.
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _EXIT_SIGNALS)
+    try:
+        async_queue.schedule_async_request(request)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     return final
+
+
+def finalize_async_saves(async_queue, blocking: bool) -> list[int]:
+    """Collective. Finish the background saves that are done (all, waiting, with ``blocking``):
+    each is renamed into place, tracked and retention applied. Returns their call indices."""
+    if async_queue is None or async_queue.get_num_unfinalized_calls() == 0:
+        return []
+    return async_queue.maybe_finalize_async_calls(blocking=blocking)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -255,9 +301,11 @@ def load_checkpoint(path: str | Path, model_chunks: list, optimizer, scheduler,
     common = dist_checkpointing.load_common_state_dict(str(directory))
     with_optimizer = load_optimizer and optimizer is not None and common.get("has_optimizer", False)
     if with_optimizer:
-        # Materialise Adam's moments so there is somewhere to load them into.
+        # Materialise Adam's moments so there is somewhere to load them into, laid out as saved.
+        metadata = dist_checkpointing.load_content_metadata(str(directory)) or {}
         state = _model_state(model_chunks)
-        state["optimizer"] = optimizer.sharded_state_dict(_model_state(model_chunks), is_loading=True)
+        state["optimizer"] = optimizer.sharded_state_dict(_model_state(model_chunks), is_loading=True,
+                                                          metadata=metadata)
     else:
         state = _model_state(model_chunks)
     # RNG states are per (PP, TP) rank and cannot be resharded: restore them on the same layout only.

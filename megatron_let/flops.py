@@ -6,6 +6,11 @@ nothing; the embedding lookup is free (a gather, not a matmul).
 
 Backward costs twice the forward for layers with parameters and once for parameter-free ones
 (attention scores), as in that paper.
+
+Throughput (TFLOP/s per GPU in the log) is counted as Megatron-LM counts it instead
+(:func:`megatron_lm_flops_per_token`), so that figures compare with Megatron-LM's and with MFU
+tables: attention scores over the full (not causal-halved) score matrix with backward twice the
+forward, SwiGLU as 3/2 of a plain MLP, the logits over the padded vocabulary, norms ignored.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_let.config import ModelConfig
-from megatron_let.model import count_parameters
+from megatron_let.model import count_parameters, padded_vocab_size
 
 
 def _attention_dim(model: ModelConfig) -> int:
@@ -39,13 +44,38 @@ def teacher_flops_per_token(teacher: ModelConfig, seq_length: int, layers: int |
     return fraction * (2.0 * backbone + attention_forward_flops(teacher, seq_length))
 
 
+def megatron_lm_flops_per_token(model: ModelConfig, seq_length: int, tensor_parallel: int = 1, *,
+                                forward_only: bool = False, layers: int | None = None,
+                                logits: bool = True) -> float:
+    """Megatron-LM's ``num_floating_point_operations`` per token (its training.py): 12·L·h²·[(1 +
+    G/H + s/h)·(H·d_head/h) + (F/h)·(3/2 if SwiGLU)] + 6·h·V_padded — 3 GEMM passes (forward,
+    data and weight gradients) × 2 GEMMs per block × 2 FLOPs per multiply-add. Forward only (a
+    frozen teacher) is a third of it; ``layers`` counts only the first ones, ``logits`` the head."""
+    h, heads = model.hidden_size, model.num_attention_heads
+    groups = model.num_query_groups or heads
+    query_ratio = heads * (model.kv_channels or h // heads) / h
+    ffn = model.ffn_hidden_size or 4 * h
+    gated = 1.5 if model.activation == "swiglu" else 1.0
+    count = model.num_layers if layers is None else layers
+    per_layer = (1 + groups / heads + seq_length / h) * query_ratio + ffn / h * gated
+    vocab = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, tensor_parallel)
+    passes = 1 if forward_only else 3
+    return passes * 4 * count * h * h * per_layer + (passes * 2 * h * vocab if logits else 0.0)
+
+
 @dataclass
 class FlopsCounter:
-    """Running total of the FLOPs a run has spent, for compute-matched comparisons."""
+    """Running total of the FLOPs a run has spent (compute-matched accounting), and the per-token
+    counts its throughput is reported in (Megatron-LM's formula)."""
 
     target_per_token: float
     teacher_per_token: float = 0.0
     total: float = 0.0
+    target_throughput_per_token: float = 0.0
+    teacher_throughput_per_token: float = 0.0
+
+    def throughput_per_token(self, teacher_active: bool) -> float:
+        return self.target_throughput_per_token + (self.teacher_throughput_per_token if teacher_active else 0.0)
 
     def step(self, tokens: int, teacher_active: bool) -> float:
         flops = tokens * (self.target_per_token + (self.teacher_per_token if teacher_active else 0.0))

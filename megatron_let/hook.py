@@ -7,10 +7,17 @@
   λ·L_align against the teacher's hidden states, and ties it to the activation with
   :class:`AlignmentLossScaler`, so the alignment gradient flows in the same, single backward pass
   as the LM loss, before megatron's gradient reduction.
+
+Under full activation recompute layer k runs twice per microbatch: first without a graph (only its
+input is kept), then again with one inside the backward pass. The loss is attached once, to the
+pass with a graph: the first pass parks the microbatch's teacher state in a queue and the recompute
+takes it from there. megatron's schedules run each model chunk's backward passes in the order of
+its forward passes (1F1B and interleaved alike), so the queue is first-in first-out.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import Optional
 
@@ -82,6 +89,7 @@ class AlignmentHook:
         self.logsum_exponent = logsum_exponent
         self.sequence_parallel = sequence_parallel
         self._pending: Optional[tuple] = None
+        self._awaiting_recompute: deque = deque()  # microbatches whose layer k runs again in backward
         self.metrics = AlignmentMetrics()
         self._handle = layer.register_forward_hook(self._hook)
 
@@ -104,13 +112,19 @@ class AlignmentHook:
         return tensor[rank * chunk:(rank + 1) * chunk]
 
     def _hook(self, module, inputs, output):
-        if self._pending is None:
-            return output  # e.g. evaluation, or no teacher for this microbatch
-        teacher_hidden, loss_mask, weight, scale = self._pending
-        self._pending = None
-        hidden = output[0] if isinstance(output, tuple) else output
         if not torch.is_grad_enabled():
+            if self._pending is not None:  # the first, graph-less pass of a recomputed layer
+                self._awaiting_recompute.append(self._pending)
+                self._pending = None
             return output
+        if self._pending is not None:
+            teacher_hidden, loss_mask, weight, scale = self._pending
+            self._pending = None
+        elif self._awaiting_recompute:  # the recompute, in the backward pass
+            teacher_hidden, loss_mask, weight, scale = self._awaiting_recompute.popleft()
+        else:
+            return output  # e.g. no teacher for this microbatch
+        hidden = output[0] if isinstance(output, tuple) else output
 
         teacher_local = self._local_sequence(teacher_hidden)  # [s_local, b, d_T]
         if loss_mask is None:
@@ -143,12 +157,18 @@ class AlignmentHook:
         return hidden
 
     def take_metrics(self) -> AlignmentMetrics:
+        """This step's sums (call after the step's backward passes)."""
+        if self._awaiting_recompute:
+            raise RuntimeError(f"{len(self._awaiting_recompute)} microbatch(es) ran layer "
+                               f"{self.layer.layer_number} without a graph and were never recomputed: "
+                               "their alignment loss was not applied")
         metrics, self.metrics = self.metrics, AlignmentMetrics()
         return metrics
 
     def remove(self) -> None:
         self._handle.remove()
         self._pending = None
+        self._awaiting_recompute.clear()
 
 
 def find_layer(model_chunks: list, layer_number: int) -> Optional[torch.nn.Module]:

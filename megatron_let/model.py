@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
@@ -29,7 +30,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
 from megatron_let import initialization
-from megatron_let.config import ModelConfig
+from megatron_let.config import ConfigError, ModelConfig, ParallelConfig, TrainingConfig
 from megatron_let.layers import ParallelResidualTransformerLayer, SeededTransformerLayer
 
 logger = logging.getLogger(__name__)
@@ -42,14 +43,70 @@ _ACTIVATIONS = {
 }
 
 
-def transformer_engine_available() -> bool:
-    if not torch.cuda.is_available():
+def use_transformer_engine(transformer_impl: str, on_cpu: bool) -> bool:
+    """Resolve ``training.transformer_impl``. On a GPU, "auto" means Transformer Engine and a
+    missing TE is an error, not a silent fall-back to the (much slower) local layers."""
+    if on_cpu:
+        if transformer_impl == "transformer_engine":
+            raise ConfigError("training.transformer_impl=transformer_engine needs device: cuda")
+        return False
+    if transformer_impl == "local":
         return False
     try:
         import transformer_engine  # noqa: F401
-    except Exception:  # TE without CUDA libraries fails with OSError, not ImportError
-        return False
+    except Exception as err:  # TE without its CUDA libraries fails with OSError, not ImportError
+        raise ConfigError(
+            f"training.transformer_impl={transformer_impl}: Transformer Engine does not import ({err}). "
+            "Install transformer-engine[pytorch] matching your CUDA, or set training.transformer_impl: local "
+            "to run megatron's local layers (slower, no fused kernels)") from err
     return True
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The fused kernels megatron uses (TransformerConfig's names)."""
+
+    bias_activation_fusion: bool = False
+    bias_dropout_fusion: bool = False
+    apply_rope_fusion: bool = False
+    gradient_accumulation_fusion: bool = False
+    cross_entropy_loss_fusion: bool = False
+
+
+def select_kernels(training: TrainingConfig, model: ModelConfig, use_te: bool) -> Kernels:
+    """Each ``training.*_fusion`` flag: None = on with Transformer Engine where the model allows it;
+    an explicit true that cannot work is an error naming the flag."""
+    def pick(key: str, requested: Optional[bool], applicable: bool, reason: str) -> bool:
+        if requested is None:
+            return use_te and applicable
+        if requested and not applicable:
+            raise ConfigError(f"training.{key}=true: {reason}")
+        return requested
+
+    activation_fusable = model.activation == "swiglu" or (model.activation == "gelu" and model.add_bias_linear)
+    return Kernels(
+        bias_activation_fusion=pick("bias_swiglu_fusion", training.bias_swiglu_fusion, activation_fusable,
+                                    f"megatron fuses swiglu, or gelu with biases, not {model.activation}"
+                                    + ("" if model.add_bias_linear else " without biases")),
+        bias_dropout_fusion=pick("bias_dropout_fusion", training.bias_dropout_fusion, True, ""),
+        apply_rope_fusion=pick("apply_rope_fusion", training.apply_rope_fusion,
+                               use_te and model.position_embedding_type == "rope",
+                               "needs Transformer Engine and rotary position embeddings"),
+        gradient_accumulation_fusion=pick("gradient_accumulation_fusion", training.gradient_accumulation_fusion,
+                                          use_te, "needs Transformer Engine's GEMMs"),
+        cross_entropy_loss_fusion=pick("cross_entropy_loss_fusion", training.cross_entropy_loss_fusion, use_te,
+                                       "needs device: cuda with Transformer Engine"),
+    )
+
+
+def recompute_options(par: ParallelConfig) -> dict:
+    """Activation recompute, as TransformerConfig takes it."""
+    return {
+        "recompute_granularity": par.recompute_granularity,
+        "recompute_method": par.recompute_method,
+        "recompute_num_layers": par.recompute_num_layers,
+        "recompute_modules": list(par.recompute_modules) if par.recompute_modules is not None else None,
+    }
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
@@ -67,6 +124,8 @@ def transformer_config(
     sequence_parallel: bool = False,
     params_dtype: torch.dtype = torch.float32,
     on_cpu: bool = False,
+    kernels: Kernels = Kernels(),
+    recompute: Optional[dict] = None,
 ) -> TransformerConfig:
     activation, gated = _ACTIVATIONS[model.activation]
     bf16 = params_dtype == torch.bfloat16
@@ -104,12 +163,12 @@ def transformer_config(
         # the initial model is then one function of the seed on every layout, CPU or GPU, TE or not.
         # Cost: one CPU draw of each stage's full weights per TP rank, at start-up only.
         use_cpu_initialization=True,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
+        # Our local attention is SDPA (no masked softmax) and our local norm is torch's (no apex):
+        # these two only concern megatron's local modules; TE layers fuse attention and norms anyway.
         masked_softmax_fusion=False,
         persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
+        **asdict(kernels),
+        **(recompute or {}),
         # As on GPU (Megatron-LM's default): a stage's output is freed once sent, which requires
         # it not to be a view — the alignment hook's output at the end of a stage included.
         deallocate_pipeline_outputs=True,

@@ -20,7 +20,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 
 from megatron_let import parallel
 from megatron_let.config import TeacherConfig
-from megatron_let.model import build_gpt, transformer_config
+from megatron_let.model import Kernels, build_gpt, transformer_config
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class Teacher:
     """Runs the frozen teacher and returns the hidden states LET aligns to."""
 
     def __init__(self, cfg: TeacherConfig, *, teacher_layer: Optional[int], on_cpu: bool, use_te: bool,
-                 seed: int = 0):
+                 seed: int = 0, kernels: Kernels = Kernels()):
         self.cfg = cfg
         self.teacher_layer = teacher_layer  # None: final hidden state, after the final norm
         tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -72,6 +72,10 @@ class Teacher:
             tensor_parallel=self.layout.tensor_parallel,
             params_dtype=self.dtype,
             on_cpu=on_cpu,
+            # Forward only: the activation / RoPE fusions apply, the gradient ones do not.
+            kernels=Kernels(bias_activation_fusion=kernels.bias_activation_fusion and cfg.model.activation == "swiglu",
+                            bias_dropout_fusion=kernels.bias_dropout_fusion,
+                            apply_rope_fusion=kernels.apply_rope_fusion and cfg.model.position_embedding_type == "rope"),
         )
         if cfg.load is None:
             logger.warning("teacher.load is not set: the teacher has random weights (useful for tests only)")

@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -31,20 +32,24 @@ import torch
 import torch.distributed as dist
 
 from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.timers import Timer
 from megatron.core.transformer.module import Float16Module
 
 from megatron_let import checkpoint, cluster, parallel
 from megatron_let.alignment import alignment_weight
 from megatron_let.config import LETConfig, load_config, resolve_layers, to_dict
 from megatron_let.data import build_datasets, make_iterator
-from megatron_let.flops import FlopsCounter, teacher_flops_per_token, training_flops_per_token
+from megatron_let.flops import (FlopsCounter, megatron_lm_flops_per_token, teacher_flops_per_token,
+                                training_flops_per_token)
 from megatron_let.hook import AlignmentHook, find_layer, layer_owner, main_loss_scale
-from megatron_let.model import build_gpt, transformer_config, transformer_engine_available, unwrap
+from megatron_let.model import (build_gpt, recompute_options, select_kernels, transformer_config,
+                                use_transformer_engine, unwrap)
 from megatron_let.teacher import Teacher
 
 logger = logging.getLogger("megatron_let")
@@ -136,10 +141,12 @@ class MetricsLogger:
 class Trainer:
     def __init__(self, cfg: LETConfig):
         self.cfg = cfg
-        parallel.init_distributed(cfg)
         self.on_cpu = cfg.device == "cpu"
+        # Before any process group: a missing Transformer Engine is reported at once, by every rank.
+        self.use_te = use_transformer_engine(cfg.training.transformer_impl, self.on_cpu)
+        self.kernels = select_kernels(cfg.training, cfg.model, self.use_te)
+        parallel.init_distributed(cfg)
         self.device = torch.device("cpu") if self.on_cpu else torch.device("cuda", torch.cuda.current_device())
-        self.use_te = not self.on_cpu and transformer_engine_available()
         self.precision = resolve_precision(cfg)
         if self.on_cpu and self.precision != "fp32":
             raise ValueError(f"training.precision={self.precision}: the CPU mode trains in fp32")
@@ -157,6 +164,8 @@ class Trainer:
         self.exit_signal: Optional[str] = None  # the signal that asked this run to stop (any rank's)
         self.started = time.monotonic()
         self._saved_iteration: Optional[int] = None
+        self.async_saves = AsyncCallsQueue() if cfg.checkpoint.async_save else None  # megatron's --async-save
+        self._pending_saves: list = []  # checkpoints being written in the background, oldest first
         self._install_signal_handler()
         self.lock = self._lock_checkpoint_directory()
 
@@ -181,6 +190,8 @@ class Trainer:
         self.datasets = build_datasets(cfg, self._dataset_sizes())
         self.train_data = self._iterators(self.datasets[0], self.consumed_samples)
         self.metrics = MetricsLogger(cfg, self.iteration)
+        self.interval_timer = Timer("interval-time")  # device-synchronised wall time of training steps
+        self.interval_timer.start()
         self._log_setup()
 
     # ----------------------------------------------------------------------------- building
@@ -196,6 +207,8 @@ class Trainer:
             sequence_parallel=par.sequence_parallel,
             params_dtype=_DTYPES[self.precision],
             on_cpu=self.on_cpu,
+            kernels=self.kernels,
+            recompute=recompute_options(par),
         )
         vpp = par.virtual_pipeline_model_parallel_size
         chunks = []
@@ -353,7 +366,8 @@ class Trainer:
         owns = parallel_state.get_pipeline_model_parallel_rank() == owner_pp
         if owns:
             self.teacher = Teacher(self.cfg.teacher, teacher_layer=self.teacher_layer,
-                                   on_cpu=self.on_cpu, use_te=self.use_te, seed=self.cfg.training.seed + 1)
+                                   on_cpu=self.on_cpu, use_te=self.use_te, seed=self.cfg.training.seed + 1,
+                                   kernels=self.kernels)
             layer = find_layer(self.model, self.target_layer)
             assert layer is not None, f"layer {self.target_layer} should be on pipeline rank {owner_pp}"
             self.hook_chunk = self.model[owner_vp or 0]
@@ -370,6 +384,8 @@ class Trainer:
             self.hook.remove()
             self.teacher.release()
         self.hook = self.teacher = self.hook_chunk = None
+        if not self.on_cpu:
+            torch.cuda.reset_peak_memory_stats()  # from here on the peak is the baseline's
         # Iteration i (1-based, as in the log) runs at step s = i - 1 of Eq. 5.
         self._print(f"iteration {self.iteration + 1}: λ = 0 from here on (S_stop="
                     f"{self.cfg.alignment.stop_step}); teacher released")
@@ -377,10 +393,14 @@ class Trainer:
     def _flops_counter(self) -> FlopsCounter:
         """Compute spent so far (target training + teacher forwards until S_stop), restored on resume."""
         cfg, seq = self.cfg, self.cfg.training.seq_length
-        counter = FlopsCounter(training_flops_per_token(cfg.model, seq))
+        tp = cfg.parallel.tensor_model_parallel_size
+        counter = FlopsCounter(training_flops_per_token(cfg.model, seq),
+                               target_throughput_per_token=megatron_lm_flops_per_token(cfg.model, seq, tp))
         teacher_steps = 0
         if cfg.alignment_active:
             counter.teacher_per_token = teacher_flops_per_token(cfg.teacher.model, seq, self.teacher_layer)
+            counter.teacher_throughput_per_token = megatron_lm_flops_per_token(
+                cfg.teacher.model, seq, forward_only=True, layers=self.teacher_layer, logits=False)
             teacher_steps = min(self.iteration, cfg.alignment.stop_step)
         tokens = cfg.training.global_batch_size * seq
         counter.total = tokens * (self.iteration * counter.target_per_token + teacher_steps * counter.teacher_per_token)
@@ -396,8 +416,11 @@ class Trainer:
     def _iterators(self, dataset, consumed: int):
         if dataset is None:
             return None
+        workers = self.cfg.data.num_workers
         make = partial(make_iterator, dataset, consumed, self.cfg.training.micro_batch_size,
-                       self.dp_rank, self.dp_size, self.device)
+                       self.dp_rank, self.dp_size, self.device,
+                       num_workers=(0 if self.on_cpu else 2) if workers is None else workers,
+                       tp_group=parallel_state.get_tensor_model_parallel_group())
         # Interleaved schedules pull from one iterator per model chunk, in lockstep.
         return [make() for _ in self.model] if len(self.model) > 1 else make()
 
@@ -423,14 +446,18 @@ class Trainer:
         return loss_sum, tokens.to(torch.int), {"lm loss": report}
 
     def train_step(self) -> dict:
-        """One optimizer step over global_batch_size samples. Returns this step's metrics."""
+        """One optimizer step over global_batch_size samples, its metrics read at once."""
+        return self._read_metrics([self._step()])[0]
+
+    def _step(self) -> dict:
+        """One optimizer step. Its metrics stay on the device (``_read_metrics`` reads a whole log
+        interval's at once: no host synchronisation of ours per step or microbatch)."""
         cfg = self.cfg
         weight = (alignment_weight(self.iteration, cfg.alignment.lambda0, cfg.alignment.stop_step)
                   if cfg.alignment_active else 0.0)
         if self.teacher_present and weight == 0.0:
             self._release_teacher()
 
-        start = time.perf_counter()
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -447,54 +474,96 @@ class Trainer:
         success, grad_norm, _ = self.optimizer.step()
         if success:
             self.scheduler.step(increment=1)
-        elapsed = time.perf_counter() - start
         self.iteration += 1
         self.consumed_samples += cfg.training.global_batch_size
-
-        stats = self._reduce_metrics(outputs, self.hook.take_metrics() if self.hook else None)
         tokens = cfg.training.global_batch_size * cfg.training.seq_length
-        flops = self.flops.step(tokens, teacher_active=weight > 0)
-        record = {
+        self.flops.step(tokens, teacher_active=weight > 0)
+        return {
             "iteration": self.iteration,
-            "lm_loss": stats["lm_loss"],
-            "alignment_loss": stats["alignment_loss"],
-            "cosine_similarity": stats["cosine_similarity"],
+            "sums": self._local_metric_sums(outputs, self.hook.take_metrics() if self.hook else None),
             "lambda": weight,
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "skipped": not success,
-            "step_time_s": elapsed,
-            "tokens_per_s": tokens / elapsed,
-            "tflops_per_gpu": flops / elapsed / dist.get_world_size() / 1e12,
+            "throughput_flops": tokens * self.flops.throughput_per_token(teacher_active=weight > 0),
             "flops_total": self.flops.total,
             "consumed_samples": self.consumed_samples,
         }
-        if not self.on_cpu:
-            record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        return record
 
-    def _reduce_metrics(self, lm_outputs: list, align) -> dict:
-        """All ranks get the global (DP-averaged, token-weighted) LM and alignment metrics."""
+    def _step_listing_host_syncs(self) -> dict:
+        """One step under CUDA's sync debug mode: every operation that makes the host wait for the
+        device is reported (where it was called from), once per call site."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step = self._step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        sites = sorted({f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)})
+        step["host_syncs"] = len(sites)
+        self._print(f"iteration {step['iteration']} under CUDA sync debug mode: {len(sites)} call sites "
+                    "synchronise with the device" + "".join(f"\n  {site}" for site in sites))
+        return step
+
+    def _local_metric_sums(self, lm_outputs: list, align) -> torch.Tensor:
+        """This rank's share of (Σ LM loss, LM tokens, Σ alignment loss, Σ cos, alignment tokens), on
+        the device; summed over ranks, they give the global token-weighted means."""
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
-        # Summed on the device; the one host read is after the all-reduce, once per step.
         values = torch.zeros(5, dtype=torch.float64, device=self.device)
         if lm_outputs and parallel_state.is_pipeline_last_stage(ignore_virtual=True) and tp_rank == 0:
             values[:2] = torch.stack([item["lm loss"] for item in lm_outputs]).to(torch.float64).sum(0)
         # TP ranks hold identical alignment values unless the sequence is sharded across them.
         if align is not None and align.sums is not None and (self.cfg.parallel.sequence_parallel or tp_rank == 0):
             values[2:] = align.sums
-        dist.all_reduce(values)
-        values = values.cpu()
-        have_align = values[4] > 0
-        return {
-            "lm_loss": float(values[0] / values[1]) if values[1] > 0 else None,
-            "alignment_loss": float(values[2] / values[4]) if have_align else None,
-            "cosine_similarity": float(values[3] / values[4]) if have_align else None,
-        }
+        return values
+
+    def _read_metrics(self, steps: list[dict]) -> list[dict]:
+        """Finish the records of a log interval: one all-reduce and one host read for all its steps.
+
+        ``step_time_s`` is the interval's wall time (megatron's timer: device synchronised, ranks
+        barriered; evaluation and saving excluded) over its steps — Megatron-LM's "elapsed time per
+        iteration"; at ``logging.log_interval: 1`` it is each step's own. Peak memory is the
+        interval's (reset after each read and when the teacher is released), max over ranks."""
+        step_time = self.interval_timer.elapsed(reset=True, barrier=True) / len(steps)
+        sums = torch.stack([step.pop("sums") for step in steps])
+        dist.all_reduce(sums)
+        sums = sums.cpu()
+        memory = None
+        if not self.on_cpu:
+            memory = torch.tensor([torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()],
+                                  dtype=torch.float64, device=self.device)
+            dist.all_reduce(memory, op=dist.ReduceOp.MAX)
+            memory = (memory / 2**30).tolist()
+            torch.cuda.reset_peak_memory_stats()
+        tokens = self.cfg.training.global_batch_size * self.cfg.training.seq_length
+        records = []
+        for step, (lm_sum, lm_tokens, align_sum, cos_sum, align_tokens) in zip(steps, sums.tolist()):
+            record = {
+                "iteration": step["iteration"],
+                "lm_loss": lm_sum / lm_tokens if lm_tokens > 0 else None,
+                "alignment_loss": align_sum / align_tokens if align_tokens > 0 else None,
+                "cosine_similarity": cos_sum / align_tokens if align_tokens > 0 else None,
+                "lambda": step["lambda"],
+                "lr": step["lr"],
+                "grad_norm": step["grad_norm"],
+                "skipped": step["skipped"],
+                "step_time_s": step_time,
+                "tokens_per_s": tokens / step_time,
+                "tflops_per_gpu": step["throughput_flops"] / step_time / dist.get_world_size() / 1e12,
+                "flops_total": step["flops_total"],
+                "consumed_samples": step["consumed_samples"],
+            }
+            if memory is not None:
+                record["peak_memory_allocated_gib"], record["peak_memory_reserved_gib"] = memory
+            if "host_syncs" in step:
+                record["host_syncs"] = step["host_syncs"]
+            records.append(record)
+        return records
 
     def evaluate(self, split: str) -> Optional[dict]:
         """Mean LM loss and perplexity over eval_iters global batches of the valid/test split."""
-        with self._params_synced():
+        with self._params_synced(), self._outside_step_time():
             return self._evaluate(split)
 
     @torch.no_grad()
@@ -505,7 +574,7 @@ class Trainer:
         data = self._iterators(dataset, 0)
         for chunk in self.model:
             chunk.eval()
-        totals = torch.zeros(2, dtype=torch.float64)
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # read once, at the end
         for _ in range(self.cfg.eval.eval_iters):
             outputs = get_forward_backward_func()(
                 forward_step_func=self._forward_step, data_iterator=data, model=self.model,
@@ -514,11 +583,9 @@ class Trainer:
             )
             if outputs and parallel_state.is_pipeline_last_stage(ignore_virtual=True) \
                     and parallel_state.get_tensor_model_parallel_rank() == 0:
-                for item in outputs:
-                    totals += item["lm loss"].double().cpu()
+                totals += torch.stack([item["lm loss"] for item in outputs]).to(torch.float64).sum(0)
         for chunk in self.model:
             chunk.train()
-        totals = totals.to(self.device)
         dist.all_reduce(totals)
         loss = float(totals[0] / totals[1])
         return {"iteration": self.iteration, "split": split, "lm_loss": loss,
@@ -528,29 +595,38 @@ class Trainer:
 
     def train(self) -> int:
         cfg = self.cfg
-        interval_records: list[dict] = []
         if self._should_exit():  # a signal during start-up: nothing trained, nothing to save
             return self._stop("interrupted", f"{self.exit_signal} received during start-up: exiting")
+        self.interval_timer.reset()
+        self.interval_timer.start(barrier=True)
+        interval: list[dict] = []  # this log interval's steps, metrics still on the device
         while self.iteration < cfg.training.train_iters:
-            record = self.train_step()
-            interval_records.append(record)
-            self.metrics.log(record)
-            if self.iteration % cfg.logging.log_interval == 0 or self.iteration == cfg.training.train_iters:
-                self._print(self._format(record, interval_records))
-                interval_records = []
+            if cfg.logging.sync_debug_iteration == self.iteration + 1 and not self.on_cpu:
+                interval.append(self._step_listing_host_syncs())
+            else:
+                interval.append(self._step())
+            if self._pending_saves:
+                self._finalize_saves(blocking=False)
+            last = self.iteration >= cfg.training.train_iters
+            if self.iteration % cfg.logging.log_interval == 0 or last:
+                self._log_interval(interval)
+                interval = []
             if cfg.eval.eval_interval and self.iteration % cfg.eval.eval_interval == 0:
                 self._log_eval(self.evaluate("valid"))
             if self._should_exit():
+                self._log_interval(interval)
                 self.save()
                 return self._stop("interrupted", f"{self.exit_signal or 'signal'} received: "
                                   f"saved at iteration {self.iteration}, exiting")
-            if self.iteration >= cfg.training.train_iters:
+            if last:
                 break
             if cfg.training.exit_interval and self.iteration % cfg.training.exit_interval == 0:
+                self._log_interval(interval)
                 self.save()
                 return self._stop("exit_interval", f"exit interval reached: saved at iteration {self.iteration}, "
                                   "exiting")
             if self._duration_exceeded():
+                self._log_interval(interval)
                 self.save()
                 return self._stop("interrupted", f"exit_duration_in_mins reached: saved at iteration "
                                   f"{self.iteration}, exiting")
@@ -563,22 +639,53 @@ class Trainer:
         self.save()
         return self._stop("finished", f"training finished at iteration {self.iteration}")
 
+    def _log_interval(self, steps: list[dict]) -> None:
+        if not steps:
+            return
+        records = self._read_metrics(steps)
+        for record in records:
+            self.metrics.log(record)
+        self._print(self._format(records[-1], records))
+
+    @contextmanager
+    def _outside_step_time(self):
+        """Evaluation and saving do not count as training time (Megatron-LM stops its interval
+        timer around both)."""
+        self.interval_timer.stop()
+        try:
+            yield
+        finally:
+            self.interval_timer.start()
+
     def save(self) -> None:
         if not self.cfg.checkpoint.save or self._saved_iteration == self.iteration:
             return
-        with self._params_synced():
+        ck = self.cfg.checkpoint
+        with self._params_synced(), self._outside_step_time():
+            self._finalize_saves(blocking=True)  # at most one background save in flight
             path = checkpoint.save_checkpoint(
-                self.cfg.checkpoint.save, self.iteration, self.model, self.optimizer, self.scheduler,
-                self.consumed_samples, to_dict(self.cfg), keep_last=self.cfg.checkpoint.keep_last,
+                ck.save, self.iteration, self.model, self.optimizer, self.scheduler,
+                self.consumed_samples, to_dict(self.cfg), keep_last=ck.keep_last,
+                fully_parallel=ck.fully_parallel_save, async_queue=self.async_saves,
             )
         self._saved_iteration = self.iteration
-        self._print(f"saved checkpoint {path}")
+        if self.async_saves is None:
+            self._print(f"saved checkpoint {path}")
+        else:
+            self._pending_saves.append(path)
+            self._print(f"writing checkpoint {path} in the background")
+
+    def _finalize_saves(self, blocking: bool) -> None:
+        """Background saves that have finished appear now (renamed, tracked); ``blocking`` waits."""
+        for _ in checkpoint.finalize_async_saves(self.async_saves, blocking=blocking):
+            self._print(f"saved checkpoint {self._pending_saves.pop(0)}")
 
     def _stop(self, status: str, message: str) -> int:
         """Report how the run ended. ``MEGATRON_LET_EXIT_STATE`` (set by the sbatch scripts) names
         a file that gets the status, which tells the script whether to requeue the job:
         ``interrupted`` (a signal or the duration limit, before train_iters) → requeue;
         ``finished`` / ``exit_interval`` → done."""
+        self._finalize_saves(blocking=True)  # the checkpoint exists before the run reports
         self._print(message)
         path = os.environ.get("MEGATRON_LET_EXIT_STATE")
         if path and dist.get_rank() == 0:
@@ -661,9 +768,12 @@ class Trainer:
                       f"λ {record['lambda']:.4g}"]
         parts += [f"lr {record['lr']:.3e}", f"grad norm {record['grad_norm']:.3f}"
                   if record["grad_norm"] is not None else "grad norm -",
-                  f"tokens/s {mean('tokens_per_s'):.0f}", f"TFLOP/s/GPU {mean('tflops_per_gpu'):.3g}"]
-        if "peak_memory_gib" in record:
-            parts.append(f"peak mem {record['peak_memory_gib']:.2f} GiB")
+                  f"elapsed time per iteration (ms) {1000 * record['step_time_s']:.1f}",
+                  f"tokens/s {mean('tokens_per_s'):.0f}",
+                  f"TFLOP/s/{'rank' if self.on_cpu else 'GPU'} {mean('tflops_per_gpu'):.3g}"]
+        if "peak_memory_allocated_gib" in record:
+            parts.append(f"peak mem allocated/reserved {record['peak_memory_allocated_gib']:.2f}/"
+                         f"{record['peak_memory_reserved_gib']:.2f} GiB")
         return " | ".join(parts)
 
     def _log_setup(self) -> None:
@@ -723,10 +833,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.set)
-    except ConfigError as err:
+        return run(cfg)
+    except ConfigError as err:  # also what only the machine can tell (e.g. Transformer Engine missing)
         print(f"megatron-let: {err}", file=sys.stderr)
         return 2
-    return run(cfg)
 
 
 if __name__ == "__main__":

@@ -38,11 +38,34 @@ LAYOUTS = {
                                                    "parallel.virtual_pipeline_model_parallel_size=2",
                                                    "parallel.overlap_grad_reduce=true",
                                                    "parallel.ddp_bucket_size=20000"]),
+    # Activation recompute: layer k first runs without a graph, then again in the backward pass;
+    # the alignment loss must be attached exactly once, to the recomputed pass (k = 2 is stage 0's
+    # last layer, recomputed uniformly one layer at a time; k = 3 opens stage 1, recomputed as a block).
+    "pp2_full_recompute_k_on_stage0": (2, 2, 2, ["parallel.pipeline_model_parallel_size=2",
+                                                 "parallel.recompute_granularity=full",
+                                                 "parallel.recompute_method=uniform",
+                                                 "parallel.recompute_num_layers=1"]),
+    "pp2_full_recompute_k_on_stage1": (2, 3, 2, ["parallel.pipeline_model_parallel_size=2",
+                                                 "parallel.recompute_granularity=full",
+                                                 "parallel.recompute_method=block",
+                                                 "parallel.recompute_num_layers=2"]),
+    "tp2_selective_recompute": (2, 3, 2, ["parallel.tensor_model_parallel_size=2",
+                                          "parallel.recompute_granularity=selective"]),
+}
+# With dropout the masks depend on the layout, so recompute is compared with the same layout
+# without it: the recomputed pass must replay the first pass's dropout masks (megatron restores the
+# generators, our CPU tracker's streams included).
+DROPOUT = ["parallel.pipeline_model_parallel_size=2", "model.hidden_dropout=0.1", "model.attention_dropout=0.1"]
+RECOMPUTE_PAIRS = {
+    "pp2_dropout_full_recompute": ("pp2_dropout", DROPOUT + ["parallel.recompute_granularity=full",
+                                                             "parallel.recompute_method=uniform",
+                                                             "parallel.recompute_num_layers=2"]),
 }
 EXPECTED_TEACHER_RANKS = {  # megatron's rank order is TP fastest, then DP, then PP
     "tp2": [0, 1], "tp2_replicated_teacher": [0, 1], "pp2_k_on_stage1": [1], "pp2_k_on_stage0": [0], "pp2_interleaved": [0],
     "dp2": [0, 1], "tp2_sequence_parallel": [0, 1], "tp2_pp2": [2, 3],
     "dp2_overlap_grad_reduce": [0, 1], "pp2_vpp2_dp2_overlap_grad_reduce": [0, 1],
+    "pp2_full_recompute_k_on_stage0": [0], "pp2_full_recompute_k_on_stage1": [1], "tp2_selective_recompute": [0, 1],
 }
 
 
@@ -86,6 +109,9 @@ def runs(tmp_path_factory, token_data):
     }
     for name, (nproc, layer, heads, overrides) in LAYOUTS.items():
         metrics[name] = step(name, nproc, layer, heads, overrides)
+    for name, (without, overrides) in RECOMPUTE_PAIRS.items():
+        metrics[without] = step(without, 2, 3, 2, DROPOUT)
+        metrics[name] = step(name, 2, 3, 2, overrides)
     names = list(metrics)
     torchrun(1, "tests/harness/read_grads.py", "--config", str(base), "--out", str(root / "grads.pt"),
              "--set", f"checkpoint.load={root / 'init'}", "--set", f"teacher.load={root / 'teacher2'}",
@@ -119,6 +145,9 @@ def test_losses_match_single_process(runs, layout):
     assert ours["cosine_similarity"] == pytest.approx(-ref["alignment_loss"], rel=LOSS_RTOL, abs=ALIGN_ATOL)
     assert ours["lambda"] == ref["lambda"] == 0.1
     assert ours["deallocate_pipeline_outputs"]  # the GPU setting, under which a view output crashes
+    granularity = next((o.split("=")[1] for o in LAYOUTS[layout][3] if o.startswith("parallel.recompute_granularity")),
+                       None)
+    assert ours["recompute_granularity"] == granularity
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -134,6 +163,20 @@ def test_gradients_match_single_process(runs, layout):
 def test_teacher_lives_only_on_the_stage_owning_layer_k(runs, layout):
     metrics, _ = runs
     assert metrics[layout]["teacher_ranks"] == EXPECTED_TEACHER_RANKS[layout]
+
+
+@pytest.mark.parametrize("layout", list(RECOMPUTE_PAIRS))
+def test_recompute_replays_dropout_and_alignment(runs, layout):
+    metrics, grads = runs
+    without = RECOMPUTE_PAIRS[layout][0]
+    assert metrics[layout]["recompute_granularity"] == "full" and metrics[without]["recompute_granularity"] is None
+    for key in ("lm_loss", "alignment_loss"):
+        assert metrics[layout][key] == pytest.approx(metrics[without][key], rel=LOSS_RTOL, abs=ALIGN_ATOL)
+    difference = max_relative_difference(grads[layout], grads[without])
+    print(f"\n{layout}: max relative gradient difference {difference:.2e}")
+    assert difference < GRAD_RTOL
+    # ...and dropout is really on: the step differs from the dropout-free one.
+    assert metrics[without]["lm_loss"] != pytest.approx(metrics["reference_k3"]["lm_loss"], rel=1e-4)
 
 
 def test_single_process_step_equals_direct_autograd_of_total_loss(runs):

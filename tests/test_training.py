@@ -38,21 +38,30 @@ def test_lambda_reaches_zero_at_s_stop_and_teacher_is_released(tmp_path, token_d
         assert all(s["lm_loss"] is not None for s in steps)
 
 
-def test_resume_continues_the_same_loss_curve(tmp_path, token_data):
+@pytest.mark.parametrize("async_save", [False, True], ids=["save", "async_save"])
+def test_resume_continues_the_same_loss_curve(tmp_path, token_data, async_save):
     """6 steps straight == 3 steps, exit, restart from the checkpoint, 3 more (DP=2, crossing S_stop
-    after the restart), including the held-out evaluation."""
+    after the restart), including the held-out evaluation. The resumed run also saves every 2 steps
+    keeping the last 2 — with ``async_save`` in the background while it trains on, each checkpoint
+    appearing (renamed, tracked) when its write finalizes."""
     common = dict(alignment={"stop_step": 4}, training={"train_iters": 6, "global_batch_size": 8},
                   eval={"eval_interval": 3, "eval_iters": 2, "test_at_end": True})
     straight = write_config(tmp_path / "straight.yaml", tiny_config(
         token_data, checkpoint={"save": str(tmp_path / "straight")}, **common))
     resumed = write_config(tmp_path / "resumed.yaml", tiny_config(
-        token_data, checkpoint={"save": str(tmp_path / "resumed"), "load": str(tmp_path / "resumed")}, **common))
+        token_data, checkpoint={"save": str(tmp_path / "resumed"), "load": str(tmp_path / "resumed"),
+                                "save_interval": 2, "keep_last": 2, "async_save": async_save}, **common))
     torchrun(2, "-m megatron_let.train", "--config", str(straight))
     first = torchrun(2, "-m megatron_let.train", "--config", str(resumed), "--set", "training.exit_interval=3")
     assert "exit interval reached: saved at iteration 3, exiting" in first.stdout
     assert (tmp_path / "resumed" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
     second = torchrun(2, "-m megatron_let.train", "--config", str(resumed))
     assert "at iteration 3" in second.stdout and "teacher released" in second.stdout
+    if async_save:
+        assert "writing checkpoint" in first.stdout and "in the background" in second.stdout
+    saved = sorted(p.name for p in (tmp_path / "resumed").glob("iter_*"))
+    assert saved == ["iter_0000004", "iter_0000006"]
+    assert (tmp_path / "resumed" / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
 
     a = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
     b = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")

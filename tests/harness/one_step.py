@@ -37,6 +37,7 @@ def main():
     if dist.get_rank() == 0:
         record["teacher_ranks"] = [i for i, g in enumerate(gathered) if g.item() > 0]
         record["deallocate_pipeline_outputs"] = trainer.config.deallocate_pipeline_outputs
+        record["recompute_granularity"] = trainer.config.recompute_granularity
         (out / "metrics.json").write_text(json.dumps(record))
     trainer.close()
     parallel.shutdown()
