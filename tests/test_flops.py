@@ -39,3 +39,30 @@ def test_teacher_costs_a_forward_without_head_and_stops_at_s_stop():
     counter.step(100, teacher_active=True)
     counter.step(100, teacher_active=False)
     assert counter.total == pytest.approx(100 * (10.0 + per_token) + 100 * 10.0)
+
+
+def test_throughput_flops_follow_megatron_lm():
+    """Megatron-LM's count, made matmul by matmul: every GEMM 3× (forward, data and weight
+    gradients), the attention scores over the full s×s matrix (not causal-halved) with their
+    backward twice their forward, the logits over the padded vocabulary, norms not counted."""
+    from megatron_let.flops import megatron_lm_flops_per_token
+
+    m = ModelConfig(num_layers=24, hidden_size=2048, num_attention_heads=32, num_query_groups=8,
+                    ffn_hidden_size=5632, vocab_size=49152, activation="swiglu")
+    s, tp = 1280, 2
+    h, heads, groups, kv = m.hidden_size, m.num_attention_heads, m.num_query_groups, m.hidden_size // 32
+    gemms = (2 * h * (heads + 2 * groups) * kv + 2 * heads * kv * h        # QKV, output projection
+             + 2 * h * m.ffn_hidden_size * 2 + 2 * m.ffn_hidden_size * h)  # SwiGLU fc1 (two halves), fc2
+    scores = 2 * 2 * s * heads * kv                                        # QKᵀ and A·V, full matrix
+    padded = 49152  # already a multiple of 128 × TP
+    expected = 3 * (m.num_layers * (gemms + scores) + 2 * h * padded)
+    assert megatron_lm_flops_per_token(m, s, tp) == pytest.approx(expected, rel=1e-12)
+    # A frozen teacher: forward only, no head; the first 10 layers of it are a third of 30.
+    t = ModelConfig(num_layers=30, hidden_size=576, num_attention_heads=9, num_query_groups=3,
+                    ffn_hidden_size=1536, vocab_size=49152)
+    full = megatron_lm_flops_per_token(t, s, forward_only=True, logits=False)
+    assert megatron_lm_flops_per_token(t, s, forward_only=True, layers=10, logits=False) == pytest.approx(full / 3)
+    # The vocabulary is padded as megatron pads it (to a multiple of 128 × TP).
+    odd = ModelConfig(num_layers=1, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, vocab_size=1000)
+    with_head = megatron_lm_flops_per_token(odd, 16, 4)
+    assert with_head - megatron_lm_flops_per_token(odd, 16, 4, logits=False) == pytest.approx(3 * 2 * 64 * 1024)

@@ -57,18 +57,21 @@ def signal_job_step(launcher_pid, sig=signal.SIGTERM):
     return len(processes)
 
 
-def test_sigterm_to_every_process_after_periodic_saves_saves_and_resumes(tmp_path, token_data):
+@pytest.mark.parametrize("async_save", [False, True], ids=["save", "async_save"])
+def test_sigterm_to_every_process_after_periodic_saves_saves_and_resumes(tmp_path, token_data, async_save):
     """PP=2, a save every 2 iterations; SIGTERM to all processes of the job (as Slurm sends it)
     after several periodic saves: the current step finishes, a complete checkpoint of that
     iteration is written, both ranks exit 0; leftovers of a killed save are cleared on restart,
-    and the resumed run's metrics have each iteration once and the straight run's losses."""
+    and the resumed run's metrics have each iteration once and the straight run's losses.
+    With ``async_save`` the signal also reaches the background writers of a save in flight."""
     ckpt = tmp_path / "ckpt"
     # train_iters fixes the sample count, hence megatron's shuffle: the same in all three runs.
     total = 40
     common = dict(training={"train_iters": total}, parallel={"pipeline_model_parallel_size": 2},
                   alignment={"stop_step": 12})
     cfg = write_config(tmp_path / "run.yaml", tiny_config(
-        token_data, checkpoint={"save": str(ckpt), "load": str(ckpt), "save_interval": 2}, **common))
+        token_data, checkpoint={"save": str(ckpt), "load": str(ckpt), "save_interval": 2, "async_save": async_save},
+        **common))
     proc = launch(cfg)
     wait_for_iteration(ckpt / "metrics.jsonl", 7, proc)
     assert signal_job_step(proc.pid) >= 4  # 2 ranks + their writer helpers
