@@ -62,6 +62,14 @@ def use_transformer_engine(transformer_impl: str, on_cpu: bool) -> bool:
     return True
 
 
+def _importable(module: str) -> bool:
+    try:
+        __import__(module)
+    except Exception:  # CUDA extensions fail with OSError too
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class Kernels:
     """The fused kernels megatron uses (TransformerConfig's names)."""
@@ -92,8 +100,12 @@ def select_kernels(training: TrainingConfig, model: ModelConfig, use_te: bool) -
         apply_rope_fusion=pick("apply_rope_fusion", training.apply_rope_fusion,
                                use_te and model.position_embedding_type == "rope",
                                "needs Transformer Engine and rotary position embeddings"),
+        # TE's GEMMs fuse it natively, but the output layer is megatron's own ColumnParallelLinear,
+        # which needs apex's fused_weight_gradient_mlp_cuda (Megatron-LM turns it off without it).
         gradient_accumulation_fusion=pick("gradient_accumulation_fusion", training.gradient_accumulation_fusion,
-                                          use_te, "needs Transformer Engine's GEMMs"),
+                                          use_te and _importable("fused_weight_gradient_mlp_cuda"),
+                                          "needs Transformer Engine and apex's fused_weight_gradient_mlp_cuda "
+                                          "extension (for megatron's output layer)"),
         cross_entropy_loss_fusion=pick("cross_entropy_loss_fusion", training.cross_entropy_loss_fusion, use_te,
                                        "needs device: cuda with Transformer Engine"),
     )

@@ -23,6 +23,10 @@ def init_distributed(cfg: LETConfig) -> None:
     """Initialise torch.distributed from torchrun's environment (or a 1-process world) and
     megatron's tensor × pipeline × data parallel groups."""
     on_cpu = cfg.device == "cpu"
+    if not on_cpu:
+        # Megatron-LM's setting (before the CUDA context exists): one hardware queue, so tensor- and
+        # sequence-parallel communication is issued in program order and overlaps as scheduled.
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     if on_cpu:
         cpu.enable_cpu_mode()
     elif not torch.cuda.is_available():

@@ -57,13 +57,16 @@ def test_missing_transformer_engine_is_an_error_on_gpu(monkeypatch):
     assert use_transformer_engine("auto", on_cpu=True) is False
 
 
-def test_kernels_default_on_with_transformer_engine_only():
+@pytest.mark.parametrize("apex", [True, False], ids=["with_apex", "without_apex"])
+def test_kernels_default_on_with_transformer_engine_only(monkeypatch, apex):
+    # Gradient-accumulation fusion also needs apex's extension, for megatron's own output layer.
+    monkeypatch.setitem(sys.modules, "fused_weight_gradient_mlp_cuda", object() if apex else None)
     llama = ModelConfig(activation="swiglu", position_embedding_type="rope")
-    assert select_kernels(TrainingConfig(), llama, use_te=True) == Kernels(True, True, True, True, True)
+    assert select_kernels(TrainingConfig(), llama, use_te=True) == Kernels(True, True, True, apex, True)
     assert select_kernels(TrainingConfig(), llama, use_te=False) == Kernels()
     # GPT-2 style gelu without biases: megatron cannot fuse its activation; nor RoPE without RoPE.
     gpt2 = ModelConfig(activation="gelu", add_bias_linear=False, position_embedding_type="learned_absolute")
-    assert select_kernels(TrainingConfig(), gpt2, use_te=True) == Kernels(False, True, False, True, True)
+    assert select_kernels(TrainingConfig(), gpt2, use_te=True) == Kernels(False, True, False, apex, True)
     assert select_kernels(TrainingConfig(bias_dropout_fusion=False), llama, use_te=True).bias_dropout_fusion is False
 
 
