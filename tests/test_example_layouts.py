@@ -3,7 +3,11 @@ parallelism, and takes one training step — on the CPU, with what only a GPU cl
 fewer layers (a multiple of the stages, k still inside), a small random teacher in place of the
 pretrained one (its weights are not shipped), megatron's mock data, fp32, a short sequence, one
 micro-batch per data-parallel rank. The widths (hidden, FFN, heads, query groups, vocabulary) stay
-the example's: a dimension that TP cannot split must fail here, not on the cluster."""
+the example's: a dimension that TP cannot split must fail here, not on the cluster. Two exceptions,
+for the CPU's memory and time: a vocabulary beyond 2^16 rows (Llama 3's 128256) is cut to 32768 —
+megatron pads any vocabulary to a multiple of 128 × TP, so its size is nothing TP can fail to
+split, while the 7B target's embedding and output layer at 128256 rows would take 17 GB with Adam on
+the CPU — and a baseline (no teacher, so no layer k to keep) builds one layer per pipeline chunk."""
 
 from pathlib import Path
 
@@ -24,7 +28,12 @@ def cpu_twin(raw: dict) -> tuple[dict, int]:
     par["use_distributed_optimizer"] = False  # gloo has no reduce-scatter
     cfg["device"] = "cpu"
     model = cfg["model"]
-    model["num_layers"] = pp * vpp * max(1, -(-3 // (pp * vpp)))  # >= 3: the early layer k = 3 exists
+    if cfg.get("teacher") is not None:
+        model["num_layers"] = pp * vpp * max(1, -(-3 // (pp * vpp)))  # >= 3: the early layer k = 3 exists
+    else:
+        model["num_layers"] = pp * vpp
+    if model.get("vocab_size", 512) > 2**16:
+        model["vocab_size"] = 32768
     if cfg.get("teacher") is not None:
         cfg["teacher"] = {"model": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
                                     "ffn_hidden_size": 128, "vocab_size": model["vocab_size"],
