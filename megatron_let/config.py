@@ -350,75 +350,28 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     where = _Where(source, lines)
     where_set = lambda key: "--set" if lines.get(key) == 0 else where(key)  # noqa: E731
     cfg = _build(LETConfig, raw, "", where_set)
-    if cfg.teacher is not None:
-        _resolve_teacher_model(cfg.teacher, where_set)
+    cfg.where = where_set  # not a field: where each key came from, for later errors
     validate(cfg, where_set)
     return cfg
 
 
-def _resolve_teacher_model(teacher: TeacherConfig, where) -> None:
-    """Fill teacher.model from its checkpoint (or Hugging Face config), or check they agree."""
-    if teacher.hf_path is not None and not (teacher.load and _is_checkpoint(teacher.load)):
-        saved = _hf_model_config(teacher, where)
-        if teacher.model is None:
-            teacher.model = saved
-            return
-        saved = dataclasses.asdict(saved)
-        _check_same_architecture(teacher.model, saved, f"the Hugging Face model {teacher.hf_path}", where)
-        return
-    if teacher.load is None:
-        if teacher.model is None:
-            raise ConfigError(f"{where('teacher')}: teacher: give teacher.load (a checkpoint) or teacher.model")
-        return
-    saved = checkpoint_model_config(teacher.load, "teacher.load", where)
-    if teacher.model is None:
-        teacher.model = _build(ModelConfig, saved, "teacher.model.", where)
-        return
-    _check_same_architecture(teacher.model, saved, f"the checkpoint {teacher.load}", where)
+def model_config_from_dict(raw: dict, prefix: str, where=lambda key: "config") -> ModelConfig:
+    """A ModelConfig from a mapping (e.g. one recorded in a checkpoint), each key checked."""
+    return _build(ModelConfig, raw, prefix, where)
 
 
-def _check_same_architecture(model: ModelConfig, saved: dict, source: str, where) -> None:
+def check_same_architecture(model: ModelConfig, saved: dict, source: str, where) -> None:
+    """Every architecture field of ``model`` agrees with ``saved`` (a checkpoint's or Hugging Face
+    model's), or a ConfigError names the first that does not."""
     for key, value in saved.items():
         given = getattr(model, key, value)
-        if key not in _NON_ARCHITECTURE_KEYS and given != value:
+        if key not in NON_ARCHITECTURE_KEYS and given != value:
             raise ConfigError(f"{where('teacher.model.' + key)}: teacher.model.{key}: {given!r} differs from "
                               f"{value!r} in {source}")
 
 
-def _is_checkpoint(path: str) -> bool:
-    return (Path(path) / "latest_checkpointed_iteration.txt").exists() or (Path(path) / "metadata.json").exists()
-
-
-def _hf_model_config(teacher: TeacherConfig, where) -> ModelConfig:
-    from megatron_let.resources import resolve_model_path
-
-    try:
-        from megatron_let.convert import ConversionError, hf_model_config
-    except ImportError as err:
-        raise ConfigError(f"{where('teacher.hf_path')}: teacher.hf_path needs the Hugging Face extra "
-                          f"(pip install 'megatron-let[hf]'): {err}") from None
-    try:
-        return hf_model_config(resolve_model_path(teacher.hf_path), teacher.gguf_file)
-    except (ConversionError, OSError, RuntimeError) as err:
-        raise ConfigError(f"{where('teacher.hf_path')}: teacher.hf_path: {err}") from None
-
-
 # Fields that do not change what the weights compute (everything else must agree).
-_NON_ARCHITECTURE_KEYS = {"init_method_std", "hidden_dropout", "attention_dropout", "max_position_embeddings"}
-
-
-def checkpoint_model_config(path: str, key: str, where=lambda key: "config") -> dict:
-    """The ``model`` section recorded in a megatron-let checkpoint's common state."""
-    from megatron_let.checkpoint import read_common_state
-
-    try:
-        common = read_common_state(path)
-    except (FileNotFoundError, ValueError) as err:
-        raise ConfigError(f"{where(key)}: {key}: {err}") from None
-    model = (common.get("config") or {}).get("model")
-    if not isinstance(model, dict):
-        raise ConfigError(f"{where(key)}: {key}: {path} records no model configuration")
-    return model
+NON_ARCHITECTURE_KEYS = {"init_method_std", "hidden_dropout", "attention_dropout", "max_position_embeddings"}
 
 
 def validate(cfg: LETConfig, where=lambda key: "config") -> None:
@@ -436,9 +389,12 @@ def validate(cfg: LETConfig, where=lambda key: "config") -> None:
         "parallel.recompute_granularity": (cfg.parallel.recompute_granularity, (None, "selective", "full")),
         "parallel.recompute_method": (cfg.parallel.recompute_method, (None, "uniform", "block")),
     }
-    for prefix, model in (("model", cfg.model),) + (
-        (("teacher.model", cfg.teacher.model),) if cfg.teacher else ()
-    ):
+    # The teacher's architecture may still be unknown here (it is read from its checkpoint or
+    # Hugging Face config by megatron_let.run_config, which validates again once it is known).
+    teacher_model = cfg.teacher.model if cfg.teacher is not None else None
+    if cfg.teacher is not None and teacher_model is None and not (cfg.teacher.load or cfg.teacher.hf_path):
+        bad("teacher", "give teacher.load (a checkpoint), teacher.hf_path or teacher.model")
+    for prefix, model in (("model", cfg.model),) + ((("teacher.model", teacher_model),) if teacher_model else ()):
         choices[f"{prefix}.normalization"] = (model.normalization, ("RMSNorm", "LayerNorm"))
         choices[f"{prefix}.activation"] = (model.activation, ("swiglu", "gelu", "relu", "silu"))
         choices[f"{prefix}.position_embedding_type"] = (
@@ -504,7 +460,8 @@ def validate(cfg: LETConfig, where=lambda key: "config") -> None:
     if align.strategy is not None:
         if align.strategy not in LAYER_STRATEGIES:
             bad("alignment.strategy", f"{align.strategy!r} is not one of {', '.join(LAYER_STRATEGIES)}")
-    if cfg.teacher is not None and not 1 <= align.target_layer <= cfg.model.num_layers:
+    # A named strategy chooses the layers itself (resolve_layers), whatever target_layer says.
+    if cfg.teacher is not None and align.strategy is None and not 1 <= align.target_layer <= cfg.model.num_layers:
         bad("alignment.target_layer",
             f"layer {align.target_layer} does not exist: the target has model.num_layers={cfg.model.num_layers}")
     if align.lambda0 < 0:
@@ -512,8 +469,8 @@ def validate(cfg: LETConfig, where=lambda key: "config") -> None:
     if align.stop_step < 1:
         bad("alignment.stop_step", "must be >= 1")
 
-    if cfg.teacher is not None:
-        teacher = cfg.teacher.model
+    if teacher_model is not None:
+        teacher = teacher_model
         _validate_model("teacher.model", teacher, None, bad)
         if teacher.vocab_size != cfg.model.vocab_size:
             bad("teacher.model.vocab_size",

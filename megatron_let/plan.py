@@ -53,7 +53,8 @@ from typing import Optional
 
 import yaml
 
-from megatron_let.config import ConfigError, LETConfig, ModelConfig, load_config, resolve_layers
+from megatron_let.config import ConfigError, LETConfig, ModelConfig, resolve_layers
+from megatron_let.run_config import load_run_config
 
 GIB = 1024**3
 
@@ -678,14 +679,14 @@ def _raw_config(path: str, overrides: list[str]) -> dict:
     try:
         raw = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError):
-        return {}  # load_config reports it
+        return {}  # load_run_config reports it
     if not isinstance(raw, dict):
         return {}
     for assignment in overrides:
         try:
             _apply_override(raw, assignment)
         except ConfigError:
-            pass  # load_config reports it
+            pass  # load_run_config reports it
     return raw
 
 
@@ -698,7 +699,7 @@ def _pypi_model_cached(spec: str) -> bool:
 def load_for_plan(path: str, overrides: list[str], teacher_arch: list[str]) -> tuple[LETConfig, str, list[str]]:
     """(config, where the teacher's architecture came from, notes). The teacher's weights are never
     read; a checkpoint or model missing here leaves the teacher out unless --teacher-arch names it."""
-    from megatron_let.config import _is_checkpoint
+    from megatron_let.checkpoint import has_checkpoint as _is_checkpoint
 
     raw = _raw_config(path, overrides)
     teacher = raw.get("teacher")
@@ -731,13 +732,13 @@ def load_for_plan(path: str, overrides: list[str], teacher_arch: list[str]) -> t
                          f"{', '.join(TEACHER_ARCHITECTURES)}) or KEY=VALUE,... to include it")
             extra = ["teacher=null"]
     try:
-        cfg = load_config(path, list(overrides) + extra)
+        cfg = load_run_config(path, list(overrides) + extra)
     except ConfigError as err:
         if not source or extra or source == "teacher.model":
             raise
         # The teacher's checkpoint / Hugging Face model is here but cannot be read: leave it out.
         notes.append(f"teacher unknown: {err}")
-        cfg = load_config(path, list(overrides) + ["teacher=null"])
+        cfg = load_run_config(path, list(overrides) + ["teacher=null"])
         source = ""
     return cfg, source, notes
 

@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 from megatron_let.cluster import LOCK_NAME, RunLock, slurm_job_alive
-from megatron_let.config import ConfigError, LETConfig, load_config
+from megatron_let.config import ConfigError, LETConfig
+from megatron_let.run_config import load_run_config
 
 SCRIPT = Path(__file__).resolve().parents[1] / "slurm" / "pretrain_let.sbatch"
 
@@ -136,7 +137,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.set)
+        cfg = load_run_config(args.config, args.set)
     except ConfigError as err:
         print(f"megatron-let submit: {err}", file=sys.stderr)
         return 2

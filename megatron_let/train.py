@@ -43,7 +43,8 @@ from megatron.core.transformer.module import Float16Module
 
 from megatron_let import checkpoint, cluster, parallel
 from megatron_let.alignment import alignment_weight
-from megatron_let.config import LETConfig, load_config, resolve_layers, to_dict
+from megatron_let.config import LETConfig, resolve_layers, to_dict
+from megatron_let.run_config import load_run_config
 from megatron_let.data import build_datasets, make_iterator
 from megatron_let.flops import (FlopsCounter, megatron_lm_flops_per_token, teacher_flops_per_token,
                                 training_flops_per_token)
@@ -334,7 +335,6 @@ class Trainer:
         teacher = self.cfg.teacher
         if teacher.hf_path is None:
             return
-        from megatron_let.config import _is_checkpoint
         from megatron_let.resources import cache_dir
         from megatron_let.teacher import teacher_layout
 
@@ -342,7 +342,7 @@ class Trainer:
         if teacher.load is None:
             key = hashlib.sha1(f"{teacher.hf_path}|{teacher.gguf_file}|tp{tp}".encode()).hexdigest()[:16]
             teacher.load = str(cache_dir() / "teachers" / key)
-        if dist.get_rank() == 0 and not _is_checkpoint(teacher.load):
+        if dist.get_rank() == 0 and not checkpoint.has_checkpoint(teacher.load):
             from megatron_let.resources import resolve_model_path
 
             command = [sys.executable, "-m", "megatron_let.convert", "import",
@@ -832,7 +832,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_config(args.config, args.set)
+        cfg = load_run_config(args.config, args.set)
         return run(cfg)
     except ConfigError as err:  # also what only the machine can tell (e.g. Transformer Engine missing)
         print(f"megatron-let: {err}", file=sys.stderr)

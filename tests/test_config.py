@@ -118,3 +118,11 @@ def test_no_teacher_means_plain_pretraining(tmp_path):
 def test_cpu_mode_rejects_what_gloo_cannot_do(tmp_path):
     text = BASE + "parallel:\n  use_distributed_optimizer: true\n"
     assert "parallel.use_distributed_optimizer: needs reduce-scatter" in error_of(tmp_path, text)
+
+
+def test_a_strategy_chooses_layer_k_even_for_a_shallow_target(tmp_path):
+    """L2E on a 2-layer target: E is its last layer (the default target_layer 3 does not exist and
+    must not be checked when a strategy decides)."""
+    text = BASE.replace("num_layers: 4", "num_layers: 2", 1).replace("  target_layer: 3\n", "  strategy: L2E\n")
+    cfg = load_config(write(tmp_path, text))
+    assert resolve_layers(cfg) == (2, None)

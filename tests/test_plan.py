@@ -17,7 +17,8 @@ import yaml
 from conftest import REPO, torchrun, write_config
 
 from megatron_let import plan
-from megatron_let.config import ModelConfig, load_config
+from megatron_let.config import ModelConfig
+from megatron_let.run_config import load_run_config as load_config
 from megatron_let.model import count_parameters
 
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))

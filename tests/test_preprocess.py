@@ -295,7 +295,7 @@ def test_gpt_dataset_blends_two_outputs_with_a_split(sp_model, corpus_dir, tmp_p
     import sentencepiece
     from conftest import tiny_config, write_config
 
-    from megatron_let.config import load_config
+    from megatron_let.run_config import load_run_config as load_config
     from megatron_let.data import build_datasets
 
     sp = sentencepiece.SentencePieceProcessor(model_file=sp_model)

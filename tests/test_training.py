@@ -113,7 +113,8 @@ def test_cli_reports_config_errors(tmp_path, token_data):
 
 
 def test_teacher_architecture_comes_from_its_checkpoint(tmp_path, token_data):
-    from megatron_let.config import ConfigError, load_config
+    from megatron_let.config import ConfigError
+    from megatron_let.run_config import load_run_config as load_config
 
     teacher = tiny_config(token_data, teacher=None, training={"train_iters": 0},
                           model={"num_layers": 2, "hidden_size": 48, "num_attention_heads": 3,

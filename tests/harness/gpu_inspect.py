@@ -55,7 +55,7 @@ def main():
     args = harness_args.parse_args()
 
     from megatron_let import parallel
-    from megatron_let.config import load_config
+    from megatron_let.run_config import load_run_config as load_config
     from megatron_let.model import unwrap
     from megatron_let.train import Trainer
 

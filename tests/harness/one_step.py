@@ -19,7 +19,7 @@ def main():
     args = harness_args.parse_args()
 
     from megatron_let import checkpoint, parallel
-    from megatron_let.config import load_config
+    from megatron_let.run_config import load_run_config as load_config
     from megatron_let.train import Trainer
 
     cfg = load_config(args.config, args.set)

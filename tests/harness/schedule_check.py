@@ -16,7 +16,7 @@ def main():
     args = harness_args.parse_args()
 
     from megatron_let import parallel
-    from megatron_let.config import load_config
+    from megatron_let.run_config import load_run_config as load_config
     from megatron_let.hook import find_layer
     from megatron_let.train import Trainer
 
