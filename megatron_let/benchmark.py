@@ -249,7 +249,8 @@ def run_average(during: dict, after: dict, train_iters: int, stop_step: int) -> 
 
 
 def _run_averaged(phases: dict, train_iters: int, stop_step: int) -> dict:
-    combined = {v: run_average(phases["during"][v], phases["after"][v], train_iters, stop_step) for v in VARIANTS}
+    combined: dict = {v: run_average(phases["during"][v], phases["after"][v], train_iters, stop_step)
+                      for v in VARIANTS}
     combined["ratios"] = _ratios(combined["baseline"], combined["let"])
     combined["train_iters"], combined["stop_step"] = train_iters, stop_step
     return combined

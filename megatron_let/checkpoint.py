@@ -20,10 +20,12 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpointException
 
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from megatron_let.config import InputError
 from megatron_let.model import unwrap
 
 logger = logging.getLogger(__name__)
@@ -93,11 +95,18 @@ def _sharded_state(model_chunks, optimizer, with_optimizer: bool) -> dict:
     return state
 
 
+class CheckpointError(InputError):
+    """A checkpoint given to load is incomplete, corrupt or of another model; the message names it."""
+
+
+_REQUIRED_FILES = ("metadata.json", ".metadata", "common.pt")  # megatron's, torch's (written last), common state
+
+
 def is_complete(directory: Path) -> bool:
     """A finished dist-checkpoint: renamed from its temp name (so every rank had written) and
-    holding megatron's metadata and torch's global ``.metadata`` (written last)."""
+    holding megatron's metadata, torch's global ``.metadata`` and the common state."""
     return (directory.is_dir() and not directory.name.endswith((_TMP, _DELETING))
-            and (directory / "metadata.json").exists() and (directory / ".metadata").exists())
+            and all((directory / name).exists() for name in _REQUIRED_FILES))
 
 
 def saved_iterations(root: str | Path) -> list[int]:
@@ -260,6 +269,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     save or a deletion), fall back to the newest complete checkpoint, with a warning."""
     path = Path(path)
     if (path / "metadata.json").exists() and not (path / TRACKER).exists():
+        missing = [name for name in _REQUIRED_FILES if not (path / name).exists()]
+        if missing:
+            raise CheckpointError(f"{path}: incomplete checkpoint (no {', '.join(missing)}): an interrupted save "
+                                  "or copy?")
         return path
     tracked = latest_iteration(path)
     if tracked is not None and is_complete(iteration_dir(path, tracked)):
@@ -283,14 +296,29 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def has_checkpoint(path: str | Path) -> bool:
     try:
         resolve_checkpoint(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, CheckpointError):
         return False
     return True
 
 
+def _readable(directory: Path, action):
+    """Run a read of ``directory``; a truncated or corrupt file becomes one error naming it."""
+    try:
+        return action()
+    except CheckpointError:
+        raise
+    except (Exception, TorchCheckpointException) as err:  # EOFError, UnpicklingError, megatron's / torch's own
+        if isinstance(err, TorchCheckpointException) and err.failures:  # a BaseException wrapping each rank's
+            err = next(iter(err.failures.values()))[0]  # (exception, traceback): the first rank's own
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{directory}: cannot read this checkpoint ({type(err).__name__}: {detail[:300]}); "
+                              "a truncated or corrupt file?") from err
+
+
 def read_common_state(path: str | Path) -> dict:
     """The non-sharded part of a checkpoint (iteration, config, ...), readable without a process group."""
-    return dist_checkpointing.load_common_state_dict(str(resolve_checkpoint(path)))
+    directory = resolve_checkpoint(path)
+    return _readable(directory, lambda: dist_checkpointing.load_common_state_dict(str(directory)))
 
 
 def load_checkpoint(path: str | Path, model_chunks: list, optimizer, scheduler,
@@ -298,7 +326,7 @@ def load_checkpoint(path: str | Path, model_chunks: list, optimizer, scheduler,
     """Collective. Loads model (and optimizer, scheduler, RNG) in place; returns the common
     state (iteration, consumed_samples, config)."""
     directory = resolve_checkpoint(path)
-    common = dist_checkpointing.load_common_state_dict(str(directory))
+    common = _readable(directory, lambda: dist_checkpointing.load_common_state_dict(str(directory)))
     with_optimizer = load_optimizer and optimizer is not None and common.get("has_optimizer", False)
     if with_optimizer:
         # Materialise Adam's moments so there is somewhere to load them into, laid out as saved.
@@ -312,7 +340,7 @@ def load_checkpoint(path: str | Path, model_chunks: list, optimizer, scheduler,
     with_rng = with_optimizer and common.get("rng_layout") == list(_rng_layout())
     if with_rng:
         state["rng_state"] = _rng_object()
-    loaded = dist_checkpointing.load(state, str(directory))
+    loaded = _readable(directory, lambda: dist_checkpointing.load(state, str(directory)))
     for i, chunk in enumerate(model_chunks):
         unwrap(chunk).load_state_dict(loaded[_model_key(i, len(model_chunks))])
     if with_optimizer:
@@ -337,9 +365,10 @@ def load_model_weights(path: str | Path, model: Optional[torch.nn.Module]) -> No
     """Collective over all ranks: weights only, into ``model`` where this rank has one (the
     teacher lives on some ranks only; the others take part with an empty request)."""
     directory = resolve_checkpoint(path)
-    request = {"model": model.sharded_state_dict()} if model is not None else {}
+    request = {"model": model.sharded_state_dict()} if model is not None else {}  # type: ignore[operator]
     # A replicated teacher makes every TP rank claim replica 0 of each tensor: harmless for a
     # read, but megatron's save-side access check would reject it.
-    loaded = dist_checkpointing.load(request, str(directory), validate_access_integrity=False)
+    loaded = _readable(directory, lambda: dist_checkpointing.load(request, str(directory),
+                                                                  validate_access_integrity=False))
     if model is not None:
         model.load_state_dict(loaded["model"])

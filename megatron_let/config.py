@@ -13,12 +13,17 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import yaml
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+    """Something a user gave (a config key, a data file, a checkpoint, a flag) cannot be used. The
+    message names it and says what was expected; entry points print it alone, without a traceback."""
+
+
+class ConfigError(InputError):
     """A config file, or a ``--set`` override, is invalid. The message names the key."""
 
 
@@ -248,7 +253,7 @@ def _key_lines(node, prefix: str = "") -> dict[str, int]:
     return lines
 
 
-def _coerce(value: Any, annotation: Any, key: str, where: _Where) -> Any:
+def _coerce(value: Any, annotation: Any, key: str, where: Callable[[str], str]) -> Any:
     """Check (and minimally coerce) a YAML value against a dataclass field's type."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
@@ -293,7 +298,7 @@ def _fail():
     raise TypeError
 
 
-def _build(cls, raw: dict, prefix: str, where: _Where):
+def _build(cls, raw: dict, prefix: str, where: Callable[[str], str]):
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -360,13 +365,14 @@ def model_config_from_dict(raw: dict, prefix: str, where=lambda key: "config") -
     return _build(ModelConfig, raw, prefix, where)
 
 
-def check_same_architecture(model: ModelConfig, saved: dict, source: str, where) -> None:
+def check_same_architecture(model: ModelConfig, saved: dict, source: str, where,
+                            prefix: str = "teacher.model") -> None:
     """Every architecture field of ``model`` agrees with ``saved`` (a checkpoint's or Hugging Face
     model's), or a ConfigError names the first that does not."""
     for key, value in saved.items():
         given = getattr(model, key, value)
         if key not in NON_ARCHITECTURE_KEYS and given != value:
-            raise ConfigError(f"{where('teacher.model.' + key)}: teacher.model.{key}: {given!r} differs from "
+            raise ConfigError(f"{where(prefix + '.' + key)}: {prefix}.{key}: {given!r} differs from "
                               f"{value!r} in {source}")
 
 
@@ -409,14 +415,19 @@ def validate(cfg: LETConfig, where=lambda key: "config") -> None:
 
     tp = cfg.parallel.tensor_model_parallel_size
     pp = cfg.parallel.pipeline_model_parallel_size
-    for key, value in (
+    for count_key, count in (
         ("parallel.tensor_model_parallel_size", tp),
         ("parallel.pipeline_model_parallel_size", pp),
         ("training.micro_batch_size", cfg.training.micro_batch_size),
+        ("training.global_batch_size", cfg.training.global_batch_size),
         ("training.seq_length", cfg.training.seq_length),
+        ("model.num_layers", cfg.model.num_layers),
+        ("model.hidden_size", cfg.model.hidden_size),
+        ("model.num_attention_heads", cfg.model.num_attention_heads),
+        ("model.vocab_size", cfg.model.vocab_size),
     ):
-        if value < 1:
-            bad(key, f"must be >= 1, got {value}")
+        if count < 1:
+            bad(count_key, f"must be >= 1, got {count}")
     if cfg.training.train_iters < 0:
         bad("training.train_iters", "must be >= 0")
     if cfg.data.num_workers is not None and cfg.data.num_workers < 0:
@@ -553,7 +564,7 @@ def resolve_layers(cfg: LETConfig) -> tuple[int, Optional[int]]:
     align = cfg.alignment
     if align.strategy is None:
         return align.target_layer, align.teacher_layer
-    source, _, dest = align.strategy
+    source, dest = align.strategy[0], align.strategy[2]
     n_target = cfg.model.num_layers
     target = {"E": min(3, n_target), "M": max(1, n_target // 2), "L": n_target}[dest]
     teacher = None

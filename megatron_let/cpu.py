@@ -68,7 +68,7 @@ def enable_cpu_mode() -> None:
         return
     if torch.cuda.is_available():
         logger.warning("CPU mode requested on a machine with CUDA: running on the CPU anyway")
-    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment,return-value]  # megatron's device arg
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.is_available = lambda: False
     _MODE = _CudaToCpuMode()

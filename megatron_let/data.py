@@ -12,18 +12,21 @@ same tokens; data-parallel ranks read their own samples.
 from __future__ import annotations
 
 import signal
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
+import numpy
 import torch
 from torch.utils.data import DataLoader
 
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+from megatron.core.datasets.indexed_dataset import DType
 from megatron.core.datasets.utils import get_blend_from_list
 
-from megatron_let.config import LETConfig
+from megatron_let.config import InputError, LETConfig
 
 
 @dataclass
@@ -40,16 +43,64 @@ class SpecialTokens:
         return {"class": "SpecialTokens", "vocab_size": self.vocab_size, "eod": self.eod, "pad": self.pad}
 
 
-def _check_prefixes(paths: list[str], key: str) -> None:
+class DataError(InputError):
+    """A dataset file is missing, truncated or holds tokens the model cannot embed."""
+
+
+_INDEX_MAGIC = b"MMIDIDX\x00\x00"
+_INDEX_HEADER_BYTES = 34  # magic 9 + version 8 + dtype code 1 + sequence count 8 + document count 8
+_SCAN_LIMIT_BYTES = 1 << 30  # .bin files up to this size have every token checked at start-up
+
+
+def check_indexed_dataset(prefix: str, key: str, vocab_size: int) -> None:
+    """Open-time checks of one megatron indexed dataset, each error naming the file: the index is
+    complete, the .bin holds every sequence the index points to, and (for .bin files up to 1 GiB;
+    larger ones are checked batch by batch) every token id is below ``vocab_size``."""
+    idx, bin_ = Path(prefix + ".idx"), Path(prefix + ".bin")
+    for path in (bin_, idx):
+        if not path.exists():
+            raise DataError(f"{key}: {path} does not exist")
+    idx_size = idx.stat().st_size
+    with open(idx, "rb") as stream:
+        header = stream.read(_INDEX_HEADER_BYTES)
+    if len(header) < _INDEX_HEADER_BYTES or header[:9] != _INDEX_MAGIC:
+        raise DataError(f"{key}: {idx} is not a megatron index (truncated header or wrong magic)")
+    version, code, sequences, documents = struct.unpack("<QBQQ", header[9:])
+    if version != 1:
+        raise DataError(f"{key}: {idx}: index version {version}, expected 1")
+    try:
+        dtype = DType.dtype_from_code(code)
+    except Exception:
+        raise DataError(f"{key}: {idx}: unknown token dtype code {code}") from None
+    needed = _INDEX_HEADER_BYTES + 12 * sequences + 8 * documents
+    if idx_size < needed:
+        raise DataError(f"{key}: {idx} is truncated: {idx_size} bytes, its header promises {sequences} sequences "
+                        f"and {documents} documents ({needed} bytes)")
+    if sequences == 0:
+        raise DataError(f"{key}: {idx} holds no sequences")
+    index = numpy.memmap(idx, mode="r", dtype=numpy.uint8)
+    lengths = numpy.frombuffer(index, dtype=numpy.int32, count=sequences, offset=_INDEX_HEADER_BYTES)
+    pointers = numpy.frombuffer(index, dtype=numpy.int64, count=sequences, offset=_INDEX_HEADER_BYTES + 4 * sequences)
+    itemsize = numpy.dtype(dtype).itemsize
+    end = int(pointers[-1]) + int(lengths[-1]) * itemsize
+    bin_size = bin_.stat().st_size
+    if bin_size < end:
+        raise DataError(f"{key}: {bin_} is truncated: {bin_size} bytes, its index {idx.name} needs {end}")
+    if bin_size <= _SCAN_LIMIT_BYTES and end > 0:
+        largest = int(numpy.memmap(bin_, mode="r", dtype=dtype, shape=(end // itemsize,)).max())
+        if largest >= vocab_size:
+            raise DataError(f"{key}: {bin_} holds token id {largest}, but model.vocab_size is {vocab_size} "
+                            "(was it tokenized with another tokenizer?)")
+
+
+def _check_prefixes(paths: list[str], key: str, vocab_size: int) -> None:
     for item in paths:
         try:
             float(item)
             continue  # a blend weight
         except ValueError:
             pass
-        for suffix in (".bin", ".idx"):
-            if not Path(item + suffix).exists():
-                raise FileNotFoundError(f"{key}: {item}{suffix} does not exist")
+        check_indexed_dataset(item, key, vocab_size)
 
 
 def build_datasets(cfg: LETConfig, num_samples: tuple[int, int, int]):
@@ -62,7 +113,7 @@ def build_datasets(cfg: LETConfig, num_samples: tuple[int, int, int]):
     if not data.mock_data:
         for key, paths in zip(("data_path", "train_data_path", "valid_data_path", "test_data_path"),
                               [data.data_path] + per_split):
-            _check_prefixes(paths, f"data.{key}")
+            _check_prefixes(paths, f"data.{key}", cfg.model.vocab_size)
         if any(per_split):
             blend_per_split, split = [get_blend_from_list(p) if p else None for p in per_split], None
         else:
@@ -118,12 +169,20 @@ def _ignore_exit_signals(_worker_id: int) -> None:
         signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
-def microbatches(dataset, sampler: PretrainingSampler, device, num_workers: int = 0) -> Iterator[dict]:
-    """Collated microbatches on ``device``: tokens/labels/loss_mask/position_ids [b, s]."""
+def microbatches(dataset, sampler: PretrainingSampler, device, num_workers: int = 0,
+                 vocab_size: Optional[int] = None) -> Iterator[dict]:
+    """Collated microbatches on ``device``: tokens/labels/loss_mask/position_ids [b, s]. With
+    ``vocab_size``, a token id the model cannot embed is an error naming the samples (checked on
+    the host, before the transfer: an out-of-range id on the GPU is a device-side assert)."""
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                         pin_memory=torch.device(device).type == "cuda", persistent_workers=num_workers > 0,
                         worker_init_fn=_ignore_exit_signals if num_workers > 0 else None)
-    for batch in loader:
+    for indices, batch in zip(sampler, loader):
+        if vocab_size is not None:
+            largest = int(torch.maximum(batch["tokens"].max(), batch["labels"].max()))
+            if largest >= vocab_size:
+                raise DataError(f"data: samples {indices} hold token id {largest}, but model.vocab_size is "
+                                f"{vocab_size} (was the data tokenized with another tokenizer?)")
         yield {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
@@ -145,16 +204,17 @@ def _broadcast_microbatches(batches: Iterator[dict], group, src: int) -> Iterato
 
 def make_iterator(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
                   device, total_samples: Optional[int] = None, num_workers: int = 0,
-                  tp_group=None) -> Iterator[dict]:
+                  tp_group=None, vocab_size: Optional[int] = None) -> Iterator[dict]:
     """This rank's microbatches. With ``tp_group`` (more than one rank), only its first rank reads;
     the others receive what it read (same order, same count: they iterate in lockstep)."""
     total = len(dataset) if total_samples is None else min(total_samples, len(dataset))
     sampler = PretrainingSampler(total, consumed_samples, micro_batch_size, dp_rank, dp_size)
     if tp_group is None or torch.distributed.get_world_size(tp_group) == 1:
-        return microbatches(dataset, sampler, device, num_workers)
+        return microbatches(dataset, sampler, device, num_workers, vocab_size)
     src = torch.distributed.get_global_rank(tp_group, 0)
     if torch.distributed.get_rank() == src:
-        return _broadcast_microbatches(microbatches(dataset, sampler, device, num_workers), tp_group, src)
+        return _broadcast_microbatches(microbatches(dataset, sampler, device, num_workers, vocab_size),
+                                       tp_group, src)
     # Shapes and dtypes from one sample: every sample of a GPTDataset has the same.
     sample = dataset[0]
     template = {key: value.unsqueeze(0).expand(micro_batch_size, *value.shape) for key, value in sample.items()}

@@ -108,8 +108,8 @@ def init_embedding_and_output(gpt, vocab_size: int) -> None:
                           config.embedding_init_method)
         positions = getattr(embedding, "position_embeddings", None)
         if positions is not None:
-            full = _draw("embedding.position_embeddings.weight", *positions.weight.shape,
-                         config.embedding_init_method)
+            rows, columns = positions.weight.shape
+            full = _draw("embedding.position_embeddings.weight", rows, columns, config.embedding_init_method)
             positions.weight.data.copy_(full.to(dtype=positions.weight.dtype))
     output = getattr(gpt, "output_layer", None) if gpt.post_process else None
     if output is not None and output.weight is not None:

@@ -370,8 +370,9 @@ def build_gpt(
 
 def unwrap(module: torch.nn.Module) -> GPTModel:
     """The GPTModel inside megatron's DDP / Float16Module wrappers."""
-    while not isinstance(module, GPTModel) and hasattr(module, "module"):
-        module = module.module
+    while not isinstance(module, GPTModel) and isinstance(getattr(module, "module", None), torch.nn.Module):
+        module = module.module  # type: ignore[assignment]
+    assert isinstance(module, GPTModel), f"no GPTModel inside {type(module).__name__}"
     return module
 
 

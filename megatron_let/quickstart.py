@@ -205,16 +205,25 @@ def write_report(report: Path, runs: dict, plan: Plan, params: dict) -> str:
             continue
         ax.plot([r["iteration"] for r in valid], [r["lm_loss"] for r in valid], marker="o", ms=3, label=name)
     ax.axvline(plan.stop_step, color="gray", ls="--", lw=0.8, label="S_stop")
-    ax.set_xlabel("step"), ax.set_ylabel("valid loss"), ax.legend(), ax.grid(alpha=0.3)
-    fig.tight_layout(), fig.savefig(report / "valid_loss.png", dpi=120), plt.close(fig)
+    ax.set_xlabel("step")
+    ax.set_ylabel("valid loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(report / "valid_loss.png", dpi=120)
+    plt.close(fig)
 
     train = [r for r in data["let"][0] if r["alignment_loss"] is not None]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
     for ax, key, label in zip(axes, ("alignment_loss", "lambda", "cosine_similarity"),
                               ("alignment loss", "λ", "cosine similarity")):
         ax.plot([r["iteration"] for r in train], [r[key] for r in train])
-        ax.set_xlabel("step"), ax.set_title(label), ax.grid(alpha=0.3)
-    fig.tight_layout(), fig.savefig(report / "alignment.png", dpi=120), plt.close(fig)
+        ax.set_xlabel("step")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(report / "alignment.png", dpi=120)
+    plt.close(fig)
     (report / "summary.json").write_text(json.dumps({"rows": rows, "steps_to_baseline_loss": reach}, indent=2))
     return text
 

@@ -26,11 +26,11 @@ def resolve_teacher_model(teacher: TeacherConfig, where=lambda key: "config") ->
     from megatron_let.checkpoint import has_checkpoint
 
     if teacher.hf_path is not None and not (teacher.load and has_checkpoint(teacher.load)):
-        saved = hf_model_config(teacher, where)
+        from_hf = hf_model_config(teacher, where)
         if teacher.model is None:
-            teacher.model = saved
+            teacher.model = from_hf
             return
-        check_same_architecture(teacher.model, vars(saved), f"the Hugging Face model {teacher.hf_path}", where)
+        check_same_architecture(teacher.model, vars(from_hf), f"the Hugging Face model {teacher.hf_path}", where)
         return
     if teacher.load is None:
         if teacher.model is None:

@@ -46,11 +46,14 @@ def check_data(cfg: LETConfig) -> list[str]:
         return ["data: megatron's mock data"]
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+    from megatron_let.data import DataError, check_indexed_dataset
+
     notes = []
     for key, prefix in _data_prefixes(cfg):
-        for suffix in (".bin", ".idx"):
-            if not Path(prefix + suffix).is_file():
-                raise SubmitError(f"{key}: {prefix}{suffix} does not exist")
+        try:
+            check_indexed_dataset(prefix, key, cfg.model.vocab_size)
+        except DataError as err:
+            raise SubmitError(str(err)) from None
         try:
             dataset = IndexedDataset(prefix)
         except Exception as err:  # megatron raises AssertionError / struct.error on a bad header

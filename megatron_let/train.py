@@ -43,7 +43,7 @@ from megatron.core.transformer.module import Float16Module
 
 from megatron_let import checkpoint, cluster, parallel
 from megatron_let.alignment import alignment_weight
-from megatron_let.config import LETConfig, resolve_layers, to_dict
+from megatron_let.config import LETConfig, check_same_architecture, resolve_layers, to_dict
 from megatron_let.run_config import load_run_config
 from megatron_let.data import build_datasets, make_iterator
 from megatron_let.flops import (FlopsCounter, megatron_lm_flops_per_token, teacher_flops_per_token,
@@ -169,7 +169,16 @@ class Trainer:
         self._pending_saves: list = []  # checkpoints being written in the background, oldest first
         self._install_signal_handler()
         self.lock = self._lock_checkpoint_directory()
+        try:
+            self._build(cfg)
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release()  # a run that never started holds nothing
+            raise
 
+    def _build(self, cfg: LETConfig) -> None:
+        """Everything, in build order: target chunks, DDP, optimizer, resume, teacher + hook on the
+        stage owning layer k, FLOPs accounting, data, logging."""
         self.model = self._build_model()
         self.config = self.model[0].config
         self.optimizer, self.scheduler = self._build_optimizer()
@@ -182,7 +191,7 @@ class Trainer:
         self.teacher: Optional[Teacher] = None
         self.hook: Optional[AlignmentHook] = None
         self.hook_chunk = None
-        self.owner_stage = None
+        self.owner_stage: Optional[tuple[int, Optional[int]]] = None
         self.teacher_present = cfg.alignment_active and self.iteration < cfg.alignment.stop_step
         if self.teacher_present:
             self._build_teacher()
@@ -315,13 +324,23 @@ class Trainer:
         ck = self.cfg.checkpoint
         if not ck.load:
             return
-        if not checkpoint.has_checkpoint(ck.load):
+        try:
+            directory = checkpoint.resolve_checkpoint(ck.load)
+        except FileNotFoundError:  # nothing there yet (an incomplete checkpoint is a CheckpointError)
             if ck.save and Path(ck.load).resolve() == Path(ck.save).resolve():
                 self._print(f"no checkpoint in {ck.load} yet: starting from scratch")
                 return
-            raise FileNotFoundError(f"checkpoint.load: {ck.load} holds no megatron-let checkpoint")
-        directory = checkpoint.resolve_checkpoint(ck.load)
-        common = checkpoint.load_checkpoint(directory, self.model, self.optimizer, self.scheduler)
+            raise checkpoint.CheckpointError(f"checkpoint.load: {ck.load} holds no megatron-let checkpoint") from None
+        except checkpoint.CheckpointError as err:
+            raise checkpoint.CheckpointError(f"checkpoint.load: {err}") from None
+        # The same model, or refuse: a different vocabulary (say) may even fit the padded shapes.
+        saved = (checkpoint.read_common_state(directory).get("config") or {}).get("model") or {}
+        check_same_architecture(self.cfg.model, saved, f"the checkpoint {directory} (checkpoint.load)",
+                                getattr(self.cfg, "where", lambda key: "config"), prefix="model")
+        try:
+            common = checkpoint.load_checkpoint(directory, self.model, self.optimizer, self.scheduler)
+        except checkpoint.CheckpointError as err:
+            raise checkpoint.CheckpointError(f"checkpoint.load: {err}") from None
         self.iteration = int(common["iteration"])
         self.consumed_samples = int(common["consumed_samples"])
         self._align_scheduler()
@@ -420,7 +439,8 @@ class Trainer:
         make = partial(make_iterator, dataset, consumed, self.cfg.training.micro_batch_size,
                        self.dp_rank, self.dp_size, self.device,
                        num_workers=(0 if self.on_cpu else 2) if workers is None else workers,
-                       tp_group=parallel_state.get_tensor_model_parallel_group())
+                       tp_group=parallel_state.get_tensor_model_parallel_group(),
+                       vocab_size=self.cfg.model.vocab_size)
         # Interleaved schedules pull from one iterator per model chunk, in lockstep.
         return [make() for _ in self.model] if len(self.model) > 1 else make()
 
@@ -529,12 +549,12 @@ class Trainer:
         sums = torch.stack([step.pop("sums") for step in steps])
         dist.all_reduce(sums)
         sums = sums.cpu()
-        memory = None
+        memory: Optional[list] = None
         if not self.on_cpu:
-            memory = torch.tensor([torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()],
-                                  dtype=torch.float64, device=self.device)
-            dist.all_reduce(memory, op=dist.ReduceOp.MAX)
-            memory = (memory / 2**30).tolist()
+            peaks = torch.tensor([torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()],
+                                 dtype=torch.float64, device=self.device)
+            dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+            memory = (peaks / 2**30).tolist()
             torch.cuda.reset_peak_memory_stats()
         tokens = self.cfg.training.global_batch_size * self.cfg.training.seq_length
         records = []
@@ -827,15 +847,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from megatron_let.config import ConfigError
+    from megatron_let.config import ConfigError, InputError
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_run_config(args.config, args.set)
         return run(cfg)
-    except ConfigError as err:  # also what only the machine can tell (e.g. Transformer Engine missing)
-        print(f"megatron-let: {err}", file=sys.stderr)
+    except InputError as err:  # a config key, data file, checkpoint... named in the message
+        # A config error is every rank's: said once. Others (a data file one rank read) by that rank.
+        if not isinstance(err, ConfigError) or os.environ.get("RANK", "0") == "0":
+            print(f"megatron-let: {err}", file=sys.stderr, flush=True)
         return 2
 
 

@@ -1,0 +1,157 @@
+"""Bad input to the trainer, as a new user gives it: each case runs the real CLI
+(`megatron-let train`, one CPU process) and must exit non-zero with one message naming the file,
+line, key or value — no traceback — and leave nothing half-written behind."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import REPO, VOCAB, tiny_config, torchrun, write_config, write_token_dataset
+
+
+def train_cli(config: Path, *sets: str) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "megatron_let.cli", "train", "--config", str(config)]
+    for item in sets:
+        args += ["--set", item]
+    return subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory, token_data):
+    """A real 2-step run with its checkpoint (and its config), to break in various ways."""
+    root = tmp_path_factory.mktemp("saved")
+    cfg = tiny_config(token_data, training={"train_iters": 2}, checkpoint={"save": str(root / "ckpt")})
+    path = write_config(root / "run.yaml", cfg)
+    torchrun(1, "-m megatron_let.train", "--config", str(path))
+    return root, cfg
+
+
+def copy_run(saved_run, tmp_path) -> tuple[Path, dict]:
+    root, cfg = saved_run
+    shutil.copytree(root / "ckpt", tmp_path / "ckpt")
+    cfg = yaml.safe_load(yaml.safe_dump(cfg))
+    cfg["checkpoint"] = {"save": str(tmp_path / "ckpt"), "load": str(tmp_path / "ckpt")}
+    cfg["training"]["train_iters"] = 3
+    return tmp_path / "ckpt" / "iter_0000002", cfg
+
+
+def case_global_batch_zero(tmp_path, token_data, saved_run):
+    return tiny_config(token_data, training={"global_batch_size": 0}), [], "training.global_batch_size: must be >= 1"
+
+
+def case_global_batch_negative(tmp_path, token_data, saved_run):
+    return tiny_config(token_data, training={"global_batch_size": -8}), [], "training.global_batch_size: must be >= 1"
+
+
+def case_zero_layers(tmp_path, token_data, saved_run):
+    return tiny_config(token_data), ["model.num_layers=0"], "--set: model.num_layers: must be >= 1"
+
+
+def case_unknown_override(tmp_path, token_data, saved_run):
+    return tiny_config(token_data), ["training.micro_batch_sise=2"], "training.micro_batch_sise"
+
+
+def case_tokens_beyond_vocabulary(tmp_path, token_data, saved_run):
+    cfg = tiny_config(token_data, model={"vocab_size": 256})
+    cfg["teacher"]["model"]["vocab_size"] = 256
+    return cfg, [], f"{token_data}.bin holds token id {VOCAB - 1}, but model.vocab_size is 256"
+
+
+def case_missing_data(tmp_path, token_data, saved_run):
+    return tiny_config(tmp_path / "nowhere"), [], f"data.data_path: {tmp_path / 'nowhere'}.bin does not exist"
+
+
+def _copy_dataset(token_data, tmp_path) -> Path:
+    prefix = tmp_path / "copy"
+    for suffix in (".bin", ".idx"):
+        shutil.copy(str(token_data) + suffix, str(prefix) + suffix)
+    return prefix
+
+
+def case_truncated_index(tmp_path, token_data, saved_run):
+    prefix = _copy_dataset(token_data, tmp_path)
+    idx = Path(str(prefix) + ".idx")
+    idx.write_bytes(idx.read_bytes()[:100])
+    return tiny_config(prefix), [], f"{idx} is truncated"
+
+
+def case_truncated_index_header(tmp_path, token_data, saved_run):
+    prefix = _copy_dataset(token_data, tmp_path)
+    idx = Path(str(prefix) + ".idx")
+    idx.write_bytes(idx.read_bytes()[:20])
+    return tiny_config(prefix), [], f"{idx} is not a megatron index"
+
+
+def case_short_bin(tmp_path, token_data, saved_run):
+    prefix = _copy_dataset(token_data, tmp_path)
+    data = Path(str(prefix) + ".bin")
+    data.write_bytes(data.read_bytes()[:-40])
+    return tiny_config(prefix), [], f"{data} is truncated"
+
+
+def case_empty_dataset(tmp_path, token_data, saved_run):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = tmp_path / "empty"
+    IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.int32).finalize(str(prefix) + ".idx")
+    return tiny_config(prefix), [], f"{prefix}.idx holds no sequences"
+
+
+def case_resume_other_vocabulary(tmp_path, token_data, saved_run):
+    _, cfg = copy_run(saved_run, tmp_path)
+    cfg["model"]["vocab_size"] = VOCAB - 4  # the padded shapes would even match
+    cfg["teacher"]["model"]["vocab_size"] = VOCAB - 4
+    return cfg, [], f"model.vocab_size: {VOCAB - 4} differs from {VOCAB} in the checkpoint"
+
+
+def case_resume_without_common_state(tmp_path, token_data, saved_run):
+    iteration_dir, cfg = copy_run(saved_run, tmp_path)
+    (iteration_dir / "common.pt").unlink()
+    cfg["checkpoint"]["load"] = str(iteration_dir)
+    return cfg, [], f"checkpoint.load: {iteration_dir}: incomplete checkpoint (no common.pt)"
+
+
+def case_resume_truncated_shard(tmp_path, token_data, saved_run):
+    iteration_dir, cfg = copy_run(saved_run, tmp_path)
+    shard = max(iteration_dir.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    return cfg, [], f"checkpoint.load: {iteration_dir}: cannot read this checkpoint"
+
+
+def case_resume_from_nothing(tmp_path, token_data, saved_run):
+    cfg = tiny_config(token_data, checkpoint={"load": str(tmp_path / "empty")})
+    (tmp_path / "empty").mkdir()
+    return cfg, [], f"checkpoint.load: {tmp_path / 'empty'} holds no megatron-let checkpoint"
+
+
+def case_teacher_checkpoint_incomplete(tmp_path, token_data, saved_run):
+    iteration_dir, _ = copy_run(saved_run, tmp_path)
+    (iteration_dir / "common.pt").unlink()
+    cfg = tiny_config(token_data)
+    cfg["teacher"] = {"load": str(iteration_dir)}
+    return cfg, [], f"teacher.load: {iteration_dir}: incomplete checkpoint (no common.pt)"
+
+
+CASES = [value for name, value in sorted(globals().items()) if name.startswith("case_")]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.__name__[5:] for c in CASES])
+def test_bad_input_is_named_without_a_traceback(tmp_path, token_data, saved_run, case):
+    cfg, sets, expected = case(tmp_path, token_data, saved_run)
+    path = write_config(tmp_path / "run.yaml", cfg)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    result = train_cli(path, *sets)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert expected in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    # Nothing written or rewritten: no checkpoint, no metrics, no temp files.
+    after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    new_or_changed = sorted(str(p.relative_to(tmp_path)) for p in after
+                            if before.get(p) != after[p] and p.name != "run.yaml")
+    assert not new_or_changed, new_or_changed
