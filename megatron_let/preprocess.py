@@ -8,10 +8,19 @@ fewer than 65500 entries, else ``int32``, as Megatron-LM chooses), so ``IndexedD
 
 What this adds to Megatron-LM's script:
 
-* a malformed line stops the run with ``file:line: reason`` (or, with ``--skip-bad-lines``, is
-  counted and reported) instead of a traceback from a worker;
-* outputs appear only when complete: everything is written under temporary names that are
-  renamed at the very end, and removed if the run fails or is interrupted (SIGINT/SIGTERM);
+* a malformed line (invalid JSON or UTF-8, a missing ``--json-keys`` key, a value that is not a
+  string) stops the run with ``file:line: reason`` (or, with ``--skip-bad-lines``, is counted and
+  reported) instead of a traceback from a worker; an input with no documents is an error too
+  (an empty dataset cannot be memory-mapped later);
+* outputs appear only when complete: everything is written under temporary names beside the
+  outputs (``<output>.tmp-<host>-<pid>``) that are renamed at the very end, and removed if the run
+  fails or is interrupted (SIGINT exits 130, SIGTERM 143); temporary files whose process is gone
+  (a SIGKILL) are removed by the next run for the same outputs;
+* existing outputs are never replaced silently: the command line refuses them unless
+  ``--overwrite`` is given (Megatron-LM overwrites them);
+* the worker processes ignore SIGINT/SIGTERM and die with their parent, which stops them: a
+  Ctrl-C or a scheduler's SIGTERM to the whole process group (Slurm's time limit, ``scancel``)
+  ends the run at once instead of hanging in ``multiprocessing.Pool.terminate()``;
 * the bytes written do not depend on ``--workers`` (results are consumed in input order);
 * documents that tokenize to nothing are left out (Megatron-LM writes zero-length documents).
 
@@ -26,16 +35,17 @@ from __future__ import annotations
 
 import argparse
 import glob
+import itertools
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from multiprocessing import Pool
 from pathlib import Path
-from typing import IO, Iterable, Iterator, Optional, Sequence
+from typing import IO, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -44,6 +54,7 @@ TOKENIZER_TYPES = ("GPT2BPETokenizer", "SentencePieceTokenizer", "GPTSentencePie
 # EOS/EOD spellings tried, in order, for a bare tokenizer.json that does not say which it uses.
 EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>", "<|im_end|>")
 MAX_REPORTED_BAD_LINES = 5
+MAX_NAMED_FILES = 5  # an error about "the input" names at most this many files
 MB = 1e6  # throughput is reported in MB = 10^6 bytes of input JSONL
 
 
@@ -145,7 +156,51 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: Optional[str] = None,
 
 
 # ---------------------------------------------------------------------------------------------
-# Encoding (runs in the worker processes)
+# Reading JSONL lines (in the worker processes, and by tokenizer training)
+
+
+def parse_record(raw: bytes, keys: Sequence[str], flag: str = "--json-keys") -> Union[dict, str, None]:
+    """One JSONL line → ``{key: text}`` for ``keys``, None for a blank line, or the reason the
+    line is malformed (a string, to be prefixed with ``file:line``); ``flag`` is the option that
+    named the keys."""
+    if not raw.strip():
+        return None
+    try:
+        record = json.loads(raw.decode("utf-8").lstrip("\ufeff"))  # tolerate a byte-order mark
+    except UnicodeDecodeError as err:
+        return f"not valid UTF-8 ({err.reason} at byte {err.start}); expected UTF-8 JSON lines"
+    except json.JSONDecodeError as err:
+        return f"invalid JSON: {err.msg} (column {err.colno})"
+    except RecursionError:
+        return "invalid JSON: nested too deeply"
+    if not isinstance(record, dict):
+        return f"expected a JSON object, got {type(record).__name__}"
+    texts = {}
+    for key in keys:
+        if key not in record:
+            found = ", ".join(repr(k) for k in list(record)[:5]) or "none"
+            return f"missing key {key!r} ({flag}; keys found: {found})"
+        text = record[key]
+        if not isinstance(text, str):
+            return f"key {key!r} is a JSON {type(text).__name__}, expected a string"
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:  # a lone surrogate escape such as "\ud800"
+            return (f"key {key!r}: character {err.start} is a lone surrogate (\\u{ord(text[err.start]):04x}), "
+                    "not encodable as UTF-8")
+        texts[key] = text
+    return texts
+
+
+def name_files(files: Sequence[str]) -> str:
+    """``a.jsonl b.jsonl`` (at most MAX_NAMED_FILES names, then how many more)."""
+    shown = " ".join(files[:MAX_NAMED_FILES])
+    more = len(files) - MAX_NAMED_FILES
+    return shown + (f" (and {more} more files)" if more > 0 else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding (in the worker processes)
 
 
 class _Encoder:
@@ -159,24 +214,11 @@ class _Encoder:
         return file_index, line_no, len(raw), self._encode(raw)
 
     def _encode(self, raw: bytes):
-        if not raw.strip():
-            return None  # a blank line: no document
-        try:
-            record = json.loads(raw.decode("utf-8").lstrip("\ufeff"))  # tolerate a byte-order mark
-        except UnicodeDecodeError as err:
-            return f"not valid UTF-8 ({err.reason} at byte {err.start})"
-        except json.JSONDecodeError as err:
-            return f"invalid JSON: {err.msg} (column {err.colno})"
-        if not isinstance(record, dict):
-            return f"expected a JSON object, got {type(record).__name__}"
+        texts = parse_record(raw, self.json_keys)
+        if not isinstance(texts, dict):
+            return texts
         docs = {}
-        for key in self.json_keys:
-            if key not in record:
-                found = ", ".join(repr(k) for k in list(record)[:5]) or "none"
-                return f"missing key {key!r} (--json-keys; keys found: {found})"
-            text = record[key]
-            if not isinstance(text, str):
-                return f"key {key!r} is a JSON {type(text).__name__}, expected a string"
+        for key, text in texts.items():
             ids = self.tokenizer.tokenize(text)
             if ids and self.append_eod:
                 ids = list(ids) + [self.tokenizer.eod]
@@ -184,18 +226,269 @@ class _Encoder:
         return docs
 
 
-_worker_encoder: Optional[_Encoder] = None
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
-def _init_worker(tokenizer, json_keys, append_eod, dtype) -> None:
-    global _worker_encoder
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _worker_encoder = _Encoder(tokenizer, json_keys, append_eod, dtype)
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: the kernel kills this worker when its parent exits, however it exits (a worker that
+    ignores SIGTERM must not outlive a parent killed with SIGKILL)."""
+    if os.getppid() != parent_pid:  # started by a fork server, not by the run itself
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() != parent_pid:  # the parent exited before prctl
+        os._exit(1)
 
 
-def _encode_in_worker(item):
-    return _worker_encoder(item)
+def _worker_main(conn, inherited, parent_pid: int, encoder_args: tuple) -> None:
+    """A tokenizer worker: chunks of lines in, chunks of results out, over its own pipe, until
+    told to stop (None) or the pipe closes."""
+    # The parent alone handles Ctrl-C and SIGTERM (both reach the whole process group) and stops
+    # the workers itself. They were blocked from before the fork until now.
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    _die_with_parent(parent_pid)
+    for other in inherited:  # the other workers' pipes, inherited through fork
+        other.close()
+    encoder = _Encoder(*encoder_args)
+    while True:
+        try:
+            chunk = conn.recv()
+        except (EOFError, OSError):
+            return
+        if chunk is None:
+            return
+        try:
+            reply = ("ok", [encoder(item) for item in chunk])
+        except Exception as err:  # a failing tokenizer: raised again in the parent
+            import traceback
+
+            reply = ("error", err, traceback.format_exc())
+        try:
+            conn.send(reply)
+        except (EOFError, OSError):
+            return
+        except Exception as err:  # the exception does not pickle
+            conn.send(("error", RuntimeError(f"{type(err).__name__}: {err}"), ""))
+
+
+class _EncoderPool:
+    """Tokenizer worker processes, each with its own pipe, that only the parent stops.
+
+    Why not ``multiprocessing.Pool``: a SIGTERM to the process group (Slurm's time limit,
+    ``scancel``) killed its workers, one of them holding a queue lock, and ``Pool.terminate()``
+    then blocked forever. Here the workers ignore SIGINT/SIGTERM (blocked from before the fork until
+    they ignore them) and die with their parent; there are no shared queues, feeder or manager
+    threads: the parent sends each idle worker a chunk of lines and waits for whichever finishes,
+    so ``abort`` can SIGKILL the workers at any moment and nothing is left waiting on them.
+    Results come back in input order (a reorder buffer of at most ``window`` chunks, so the input
+    is streamed rather than read whole). A worker that dies on its own (the out-of-memory killer)
+    ends the run with an error, not a hang.
+    """
+
+    def __init__(self, workers: int, encoder_args: tuple):
+        import multiprocessing
+
+        context = multiprocessing.get_context()
+        self.processes: list = []
+        self.conns: list = []
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            for _ in range(workers):
+                parent_end, child_end = context.Pipe(duplex=True)
+                process = context.Process(target=_worker_main, name="preprocess-worker", daemon=True,
+                                          args=(child_end, list(self.conns), os.getpid(), encoder_args))
+                self.conns.append(parent_end)
+                process.start()
+                self.processes.append(process)
+                child_end.close()
+        except BaseException:
+            self.abort()
+            raise
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+    def imap(self, items: Iterable, chunksize: int, window: int) -> Iterator:
+        from multiprocessing.connection import wait
+
+        items = iter(items)
+        chunks = iter(lambda: list(itertools.islice(items, chunksize)), [])
+        idle, busy, done = list(self.conns), {}, {}
+        sent = yielded = 0
+        exhausted = False
+        while True:
+            while idle and not exhausted and sent - yielded < window:
+                chunk = next(chunks, None)
+                if chunk is None:
+                    exhausted = True
+                    break
+                conn = idle.pop()
+                self._send(conn, chunk)
+                busy[conn] = sent
+                sent += 1
+            if yielded in done:
+                yield from done.pop(yielded)
+                yielded += 1
+                continue
+            if not busy:
+                return
+            for conn in wait(list(busy)):
+                done[busy.pop(conn)] = self._receive(conn)
+                idle.append(conn)
+
+    def _worker_died(self, conn) -> PreprocessError:
+        process = self.processes[self.conns.index(conn)]
+        process.join(timeout=5)
+        code = process.exitcode
+        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
+        return PreprocessError(f"a tokenizer worker process (pid {process.pid}) died ({how}; out of memory?); "
+                               "no output written")
+
+    def _send(self, conn, chunk: list) -> None:
+        try:
+            conn.send(chunk)
+        except (BrokenPipeError, ConnectionResetError, EOFError):
+            raise self._worker_died(conn) from None
+
+    def _receive(self, conn) -> list:
+        try:
+            reply = conn.recv()
+        except (EOFError, ConnectionResetError):
+            raise self._worker_died(conn) from None
+        if reply[0] == "error":
+            err, remote = reply[1], reply[2]
+            if remote:
+                err.add_note(f"in the tokenizer worker:\n{remote}")
+            raise err
+        return reply[1]
+
+    def close(self) -> None:
+        """Stops the workers after their work (none is in flight when the results are all read)."""
+        for conn in self.conns:
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+        for process in self.processes:
+            process.join(timeout=10)
+        self.abort()  # any that did not stop
+
+    def abort(self) -> None:
+        """Kills the workers at once (they ignore SIGTERM by design) and closes their pipes."""
+        for process in self.processes:
+            if process.exitcode is None:
+                try:
+                    process.kill()
+                except (OSError, ValueError):
+                    pass
+        for process in self.processes:
+            process.join(timeout=5)
+        for conn in self.conns:
+            conn.close()
+        self.processes, self.conns = [], []
+
+
+# ---------------------------------------------------------------------------------------------
+# Output files: directories, temporary names, what is already there
+
+HOST = socket.gethostname()
+TEMP_TAG = ".tmp-"
+
+
+def temp_path(final: str) -> str:
+    """Where ``final`` is written until it is complete: beside it, named after this host and
+    process, so that a later run can tell whether the writer is still alive."""
+    return f"{final}{TEMP_TAG}{HOST}-{os.getpid()}"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(finals: Iterable[str], log: IO[str]) -> list[str]:
+    """Removes the temporary files of ``finals`` left by runs on this host whose process is gone
+    (killed by SIGKILL, or the node rebooted); returns them. Those of a live process, or written
+    on another host, are left in place with a note."""
+    removed = []
+    for final in finals:
+        for temp in sorted(glob.glob(glob.escape(final) + TEMP_TAG + "*")):
+            host, _, pid = temp[len(final) + len(TEMP_TAG):].rpartition("-")
+            if not pid.isdigit():
+                continue
+            host = host or HOST  # "<output>.tmp-<pid>": the format of earlier versions
+            if host != HOST:
+                print(f"note: leaving {temp}: written on host {host}, whose processes cannot be checked "
+                      "from here", file=log)
+            elif int(pid) != os.getpid() and _process_alive(int(pid)):
+                print(f"note: leaving {temp}: process {pid} that writes it is still running", file=log)
+            else:
+                try:
+                    os.unlink(temp)
+                except FileNotFoundError:
+                    continue
+                except OSError as err:
+                    print(f"note: cannot remove {temp}, left by an interrupted run: {err.strerror}", file=log)
+                    continue
+                print(f"removed {temp}, left by an interrupted run (process {pid} is gone)", file=log)
+                removed.append(temp)
+    return removed
+
+
+def make_output_dir(prefix: str, flag: str = "--output-prefix", create: bool = True) -> None:
+    """Creates the directory that ``prefix`` names (``dir/name``), saying which flag and path are
+    wrong when it cannot (a file where a directory should be, no permission); with ``create``
+    false, only checks that nothing stands in the way."""
+    directory = Path(os.path.dirname(prefix) or ".")
+    for path in (directory, *directory.parents):
+        if os.path.lexists(path):
+            if not path.is_dir():
+                raise PreprocessError(f"{flag} {prefix}: {path} is a file, not a directory")
+            break
+    if not create:
+        return
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PreprocessError(f"{flag} {prefix}: cannot create directory {directory}: {err.strerror}") from None
+
+
+def refuse_existing(finals: Iterable[str], flag: str = "--output-prefix", prefix: str = "") -> None:
+    existing = [path for path in finals if os.path.lexists(path)]
+    if existing:
+        raise PreprocessError(f"{flag} {prefix}: {' and '.join(existing)} already "
+                              f"{'exists' if len(existing) == 1 else 'exist'}; pass --overwrite to replace "
+                              f"{'it' if len(existing) == 1 else 'them'}, or choose another {flag}")
+
+
+class _DeferredSignals:
+    """Holds SIGINT/SIGTERM back while renaming outputs into place (all of them or none) and
+    delivers them afterwards. Only in the main thread (where signal handlers live)."""
+
+    def __enter__(self):
+        self.received: list[int] = []
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in _STOP_SIGNALS:
+                self.previous[signum] = signal.signal(signum, lambda s, _frame: self.received.append(s))
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        for signum in self.received[:1]:
+            signal.raise_signal(signum)  # the restored handler raises now
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,6 +503,9 @@ def expand_inputs(patterns: Iterable[str]) -> list[str]:
         if not matches:
             raise PreprocessError(f"--input {pattern}: no file matches")
         for path in matches:
+            if os.path.isdir(path):
+                raise PreprocessError(f"--input {path}: a directory, expected a JSONL file (or a glob such as "
+                                      f"{os.path.join(path, '*.jsonl')})")
             if not os.path.isfile(path):
                 raise PreprocessError(f"--input {path}: no such file")
             if path not in files:
@@ -226,8 +522,12 @@ def _read_lines(files: Sequence[str]) -> Iterator[tuple[int, int, bytes]]:
         except OSError as err:
             raise PreprocessError(f"--input {path}: {err.strerror}") from None
         with handle:
-            for line_no, raw in enumerate(handle, 1):
-                yield file_index, line_no, raw
+            line_no = 0
+            try:
+                for line_no, raw in enumerate(handle, 1):
+                    yield file_index, line_no, raw
+            except OSError as err:
+                raise PreprocessError(f"--input {path}: read error after line {line_no}: {err.strerror}") from None
 
 
 def output_prefixes(output_prefix: str, json_keys: Sequence[str]) -> dict[str, str]:
@@ -235,46 +535,98 @@ def output_prefixes(output_prefix: str, json_keys: Sequence[str]) -> dict[str, s
     return {key: f"{output_prefix}_{key}_document" for key in json_keys}
 
 
+def token_dtype(vocab_size: int) -> type:
+    """megatron-core's ``DType.optimal_dtype`` rule (``uint16`` below 65500 entries, else
+    ``int32``), known without importing megatron-core and torch: runs that stop before the first
+    document (bad input) stop at once. The writer uses megatron-core's own choice."""
+    return np.uint16 if vocab_size < 65500 else np.int32
+
+
 @dataclass
 class _Output:
-    """One key's dataset, written under temporary names until ``commit``."""
+    """One key's dataset, written under temporary names until ``commit``.
+
+    The first few documents are held in memory (``HELD_DOCUMENTS``, at most ``HELD_TOKENS``):
+    the files, and megatron-core's writer with the import of torch it brings, come only after
+    them, so a run whose input is wrong from the start (a wrong file, key or encoding; nothing to
+    write) fails at once and touches nothing."""
+
+    HELD_DOCUMENTS = 4
+    HELD_TOKENS = 1 << 20
 
     prefix: str
-    dtype: type
+    vocab_size: int
+    dtype: type = None
     builder: object = None
     tokens: int = 0
     documents: int = 0
     empty: int = 0
+    held: list = field(default_factory=list)
     tmp_bin: str = field(init=False)
     tmp_idx: str = field(init=False)
 
     def __post_init__(self):
-        tag = f".tmp-{os.getpid()}"
-        self.tmp_bin, self.tmp_idx = self.prefix + ".bin" + tag, self.prefix + ".idx" + tag
+        self.tmp_bin, self.tmp_idx = temp_path(self.prefix + ".bin"), temp_path(self.prefix + ".idx")
+        self.dtype = token_dtype(self.vocab_size)
 
-    def open(self):
-        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    @property
+    def finals(self) -> tuple[str, str]:
+        return self.prefix + ".bin", self.prefix + ".idx"
 
-        self.builder = IndexedDatasetBuilder(self.tmp_bin, dtype=self.dtype)
+    def _error(self, path: str, err: OSError) -> PreprocessError:
+        return PreprocessError(f"--output-prefix: cannot write {path}: {err.strerror or err}")
+
+    def _open(self):
+        from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+        self.dtype = DType.optimal_dtype(self.vocab_size)
+        try:
+            self.builder = IndexedDatasetBuilder(self.tmp_bin, dtype=self.dtype)
+        except OSError as err:
+            raise self._error(self.tmp_bin, err) from None
+        held, self.held = self.held, []
+        for tokens in held:
+            self._write(tokens)
+
+    def _write(self, tokens: np.ndarray):
+        try:
+            self.builder.add_document(tokens, [int(tokens.size)])
+        except OSError as err:  # a full disk
+            raise self._error(self.tmp_bin, err) from None
 
     def add(self, tokens: np.ndarray):
         if tokens.size == 0:
             self.empty += 1
             return
-        self.builder.add_document(tokens, [int(tokens.size)])
         self.tokens += int(tokens.size)
         self.documents += 1
+        if self.builder is not None:
+            self._write(tokens)
+            return
+        self.held.append(tokens)
+        if len(self.held) >= self.HELD_DOCUMENTS or self.tokens >= self.HELD_TOKENS:
+            self._open()
 
     def finalize(self):
-        self.builder.finalize(self.tmp_idx)
+        if self.builder is None:
+            self._open()
+        try:
+            self.builder.finalize(self.tmp_idx)
+        except OSError as err:
+            raise self._error(self.tmp_idx, err) from None
 
     def commit(self):
         # The old .idx goes first: a crash between the renames leaves a .bin with no index
         # (not a dataset) rather than a new .bin under an old index.
-        if os.path.exists(self.prefix + ".idx"):
-            os.unlink(self.prefix + ".idx")
-        os.replace(self.tmp_bin, self.prefix + ".bin")
-        os.replace(self.tmp_idx, self.prefix + ".idx")
+        final_bin, final_idx = self.finals
+        try:
+            if os.path.lexists(final_idx):
+                os.unlink(final_idx)
+            os.replace(self.tmp_bin, final_bin)
+            os.replace(self.tmp_idx, final_idx)
+        except OSError as err:
+            raise PreprocessError(f"--output-prefix: cannot move the outputs into place ({final_bin}, "
+                                  f"{final_idx}): {err.strerror or err}") from None
 
     def discard(self):
         if self.builder is not None and not self.builder.data_file.closed:
@@ -284,17 +636,35 @@ class _Output:
                 os.unlink(path)
 
 
+def _no_documents(files: Sequence[str], key: str, records: int, blank: int, bad: int, lines: int,
+                  bad_locations: Sequence[str]) -> PreprocessError:
+    where = f"--input {name_files(files)}"
+    if lines == 0:
+        why = "empty (no lines)"
+    elif records == 0 and bad == 0:
+        why = f"no documents: all {lines} lines are blank"
+    elif records == 0:
+        why = (f"no documents: all {bad} non-blank lines are malformed (skipped by --skip-bad-lines; "
+               f"first: {bad_locations[0]})")
+    else:
+        why = (f"no documents for --json-keys {key!r}: the {key!r} text of all {records} records is empty "
+               "(tokenizes to nothing)")
+    return PreprocessError(f"{where}: {why}; an empty dataset cannot be read, so nothing was written")
+
+
 def preprocess(inputs: Sequence[str] | str, output_prefix: str, tokenizer: Tokenizer,
                json_keys: Sequence[str] = ("text",), workers: int = 1, append_eod: bool = False,
                skip_bad_lines: bool = False, log_interval: int = 1000, chunksize: int = 32,
-               log: Optional[IO[str]] = None) -> dict:
+               log: Optional[IO[str]] = None, overwrite: bool = True) -> dict:
     """Tokenize JSONL ``inputs`` (files or globs) into one indexed dataset per JSON key.
 
     Returns a summary: documents (well-formed JSONL records; per key, those that tokenize to
     nothing are counted in empty_documents instead of written), tokens (total and per key), bytes
     (of input read), seconds, mb_per_s, docs_per_s, bad_lines and the first few
     bad_line_locations, blank_lines, outputs (key → dataset prefix), dtype, workers and files.
-    Raises PreprocessError naming ``file:line`` for a malformed line unless ``skip_bad_lines``.
+    Raises PreprocessError naming ``file:line`` for a malformed line unless ``skip_bad_lines``,
+    naming the inputs when they hold no documents (for some key), and naming the outputs when
+    they exist and ``overwrite`` is false (the command line's default).
     """
     log = sys.stderr if log is None else log
     files = expand_inputs([inputs] if isinstance(inputs, str) else inputs)
@@ -303,30 +673,35 @@ def preprocess(inputs: Sequence[str] | str, output_prefix: str, tokenizer: Token
         raise PreprocessError(f"--json-keys: expected distinct keys, got {json_keys}")
     if workers < 1:
         raise PreprocessError(f"--workers: must be >= 1, got {workers}")
+    if chunksize < 1:
+        raise PreprocessError(f"chunksize: must be >= 1, got {chunksize}")
     if append_eod and tokenizer.eod is None:
         raise PreprocessError(f"--append-eod: the {getattr(tokenizer, 'name', 'given')} tokenizer has no "
                               "end-of-document (EOS) token")
-    from megatron.core.datasets.indexed_dataset import DType
+    dtype = token_dtype(tokenizer.vocab_size)
+    outputs = {key: _Output(prefix, tokenizer.vocab_size)
+               for key, prefix in output_prefixes(output_prefix, json_keys).items()}
+    finals = [path for out in outputs.values() for path in out.finals]
+    if not overwrite:
+        refuse_existing(finals, "--output-prefix", output_prefix)
+    make_output_dir(output_prefix)
+    remove_stale_temps(finals, log)
 
-    dtype = DType.optimal_dtype(tokenizer.vocab_size)
-    Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
-    outputs = {key: _Output(prefix, dtype) for key, prefix in output_prefixes(output_prefix, json_keys).items()}
-
-    records = bad = blank = total_bytes = 0
+    records = bad = blank = lines = total_bytes = 0
     bad_locations: list[str] = []
     start = time.perf_counter()
-    pool = None
+    pool: Optional[_EncoderPool] = None
+    committed = False
     try:
-        for out in outputs.values():
-            out.open()
-        lines = _read_lines(files)
+        items = _read_lines(files)
         if workers == 1:
-            results = map(_Encoder(tokenizer, json_keys, append_eod, dtype), lines)
+            results: Iterable = map(_Encoder(tokenizer, json_keys, append_eod, dtype), items)
         else:
-            pool = Pool(workers, initializer=_init_worker, initargs=(tokenizer, json_keys, append_eod, dtype))
-            results = pool.imap(_encode_in_worker, lines, chunksize)
+            pool = _EncoderPool(workers, (tokenizer, json_keys, append_eod, dtype))
+            results = pool.imap(items, chunksize, window=4 * workers)
         for file_index, line_no, nbytes, docs in results:
             total_bytes += nbytes
+            lines += 1
             if docs is None:
                 blank += 1
                 continue
@@ -347,18 +722,25 @@ def preprocess(inputs: Sequence[str] | str, output_prefix: str, tokenizer: Token
                       f"{total_bytes / MB / elapsed:.2f} MB/s)", file=log, flush=True)
         if pool is not None:
             pool.close()
-            pool.join()
             pool = None
+        for key, out in outputs.items():
+            if out.documents == 0:
+                raise _no_documents(files, key, records, blank, bad, lines, bad_locations)
         for out in outputs.values():
             out.finalize()
-        for out in outputs.values():
-            out.commit()
-    except BaseException:
+        if not overwrite:  # appeared while this run was working
+            refuse_existing(finals, "--output-prefix", output_prefix)
+        with _DeferredSignals():
+            for out in outputs.values():
+                out.commit()
+            committed = True
+    except BaseException as err:
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.abort()
         for out in outputs.values():
             out.discard()
+        if committed and isinstance(err, KeyboardInterrupt):
+            err.outputs_written = True  # the signal came after the outputs were complete
         raise
     seconds = time.perf_counter() - start
     tokens = {key: out.tokens for key, out in outputs.items()}
@@ -375,7 +757,7 @@ def preprocess(inputs: Sequence[str] | str, output_prefix: str, tokenizer: Token
         "blank_lines": blank,
         "empty_documents": {key: out.empty for key, out in outputs.items()},
         "outputs": {key: out.prefix for key, out in outputs.items()},
-        "dtype": np.dtype(dtype).name,
+        "dtype": np.dtype(next(iter(outputs.values())).dtype).name,
         "workers": workers,
         "files": files,
     }
@@ -408,6 +790,20 @@ def _raise_on_sigterm(signum, frame):
     raise Terminated(f"signal {signum}")
 
 
+def handle_sigterm() -> Callable[[], None]:
+    """Makes SIGTERM raise ``Terminated`` (in the main thread); returns what restores the previous
+    handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def interrupted_exit_code(err: KeyboardInterrupt) -> int:
+    """128 + the signal: 143 for SIGTERM, 130 for SIGINT (Ctrl-C), as a shell reports them."""
+    return 128 + (signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="preprocess_data",
@@ -430,6 +826,8 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("output data")
     group.add_argument("--output-prefix", required=True,
                        help="outputs are <output-prefix>_<key>_document.bin/.idx")
+    group.add_argument("--overwrite", action="store_true",
+                       help="replace existing outputs (without it, existing outputs stop the run before it starts)")
     group = parser.add_argument_group("runtime")
     group.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     group.add_argument("--log-interval", type=int, default=1000, help="a progress line every N documents (0: none)")
@@ -438,22 +836,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm) if in_main_thread else None
+    restore = handle_sigterm()
     try:
         tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file)
         summary = preprocess(args.input, args.output_prefix, tokenizer, json_keys=args.json_keys,
                              workers=args.workers, append_eod=args.append_eod, skip_bad_lines=args.skip_bad_lines,
-                             log_interval=args.log_interval)
+                             log_interval=args.log_interval, overwrite=args.overwrite)
     except PreprocessError as err:
         print(f"preprocess_data: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:
-        print("preprocess_data: interrupted; no output written", file=sys.stderr)
-        return 128 + (signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT)
+        what = "after the outputs were written" if getattr(err, "outputs_written", False) else "no output written"
+        print(f"preprocess_data: interrupted ({'SIGTERM' if isinstance(err, Terminated) else 'SIGINT'}); {what}",
+              file=sys.stderr)
+        return interrupted_exit_code(err)
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        restore()
     print(format_summary(summary))
     return 0
 

@@ -13,24 +13,30 @@ model's EOS). Putting it last matches megatron-let's default ``data.eod_token_id
 Training is deterministic: the same input and flags give a byte-identical ``.model`` (sentences
 are read in file order, all of them, unshuffled; the trainer's thread count is part of the model
 file, hence a fixed default of 1; BPE gains nothing from more).
+
+Bad input stops with one line naming the file and line (invalid JSON or UTF-8, a missing
+``--json-key``), the input (no text to train on) or the flag and value (a ``--vocab-size`` larger
+than the text allows, with the largest it allows); the command line does not replace an existing
+``.model``/``.vocab`` unless ``--overwrite`` is given; the files appear only when complete.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
+import re
 import sys
 import time
-from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-from megatron_let.preprocess import PreprocessError, expand_inputs
+from megatron_let.preprocess import (PreprocessError, expand_inputs, make_output_dir, name_files, parse_record,
+                                     refuse_existing, remove_stale_temps, temp_path)
 
 MODEL_TYPES = ("bpe", "unigram")
 UNK_ID, BOS_ID = 0, 1
 MAX_SENTENCE_BYTES = 1 << 16
+MIN_VOCAB_SIZE = 300  # 256 byte-fallback pieces, the special tokens and the characters
 
 
 class TokenizerTrainingError(ValueError):
@@ -41,17 +47,22 @@ def _paragraphs(files: Sequence[str], json_key: str, stats: dict) -> Iterator[st
     """Training sentences: the paragraphs (blocks between blank lines) of every document, so the
     ``\\n`` inside verse and speeches is learnt as it will be seen."""
     for path in files:
-        with open(path, "rb") as handle:
+        try:
+            handle = open(path, "rb")
+        except OSError as err:
+            stats["error"] = TokenizerTrainingError(f"--input {path}: {err.strerror}")
+            raise stats["error"] from None
+        with handle:
             for line_no, raw in enumerate(handle, 1):
-                if not raw.strip():
+                stats["lines"] += 1
+                record = parse_record(raw, [json_key], "--json-key")
+                if record is None:
                     continue
-                try:
-                    text = json.loads(raw.decode("utf-8"))[json_key]
-                except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError) as err:
-                    raise TokenizerTrainingError(f"{path}:{line_no}: cannot read key {json_key!r}: "
-                                                 f"{type(err).__name__}: {err}") from None
-                if not isinstance(text, str):
-                    raise TokenizerTrainingError(f"{path}:{line_no}: key {json_key!r} is not a string")
+                if isinstance(record, str):
+                    # SentencePiece wraps what its sentence iterator raises into its own RuntimeError
+                    stats["error"] = TokenizerTrainingError(f"{path}:{line_no}: {record}")
+                    raise stats["error"]
+                text = record[json_key]
                 stats["documents"] += 1
                 stats["bytes"] += len(text.encode("utf-8"))
                 for paragraph in text.split("\n\n"):
@@ -60,64 +71,134 @@ def _paragraphs(files: Sequence[str], json_key: str, stats: dict) -> Iterator[st
                         yield paragraph
 
 
+def _train(files: Sequence[str], json_key: str, stats: dict, **options) -> bytes:
+    import sentencepiece
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=_paragraphs(files, json_key, stats), model_writer=model,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, user_defined_symbols=["\n"],
+        byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True, unk_id=UNK_ID, bos_id=BOS_ID,
+        pad_id=-1, input_sentence_size=0, shuffle_input_sentence=False, max_sentence_length=MAX_SENTENCE_BYTES,
+        minloglevel=2, **options)
+    return model.getvalue()
+
+
+def _largest_vocab(files: Sequence[str], json_key: str, options: dict) -> Optional[int]:
+    """The most pieces the input allows with these options: a trial run with a soft vocabulary
+    limit (SentencePiece then stops when it runs out of pieces) and the EOS id among the first
+    ones (at vocab_size - 1, a short vocabulary fails before SentencePiece can say so)."""
+    import sentencepiece
+
+    trial = {**options, "eos_id": BOS_ID + 1, "hard_vocab_limit": False}
+    try:
+        model = _train(files, json_key, {"lines": 0, "documents": 0, "paragraphs": 0, "bytes": 0}, **trial)
+    except RuntimeError:
+        return None
+    return sentencepiece.SentencePieceProcessor(model_proto=model).get_piece_size()
+
+
+def _training_failed(err: RuntimeError, files: Sequence[str], json_key: str, stats: dict,
+                     options: dict) -> TokenizerTrainingError:
+    """SentencePiece's assertion text → what is wrong with the input or the flags."""
+    if stats.get("error") is not None:  # raised while reading the input
+        return stats["error"]
+    where = f"--input {name_files(files)}"
+    if stats["paragraphs"] == 0:
+        if stats["lines"] == 0:
+            why = "empty (no lines)"
+        elif stats["documents"] == 0:
+            why = f"no documents: all {stats['lines']} lines are blank"
+        else:
+            why = f"no text: all {stats['documents']} documents have an empty or blank {json_key!r}"
+        return TokenizerTrainingError(f"{where}: {why}; nothing to train a tokenizer on")
+    vocab_size = options["vocab_size"]
+    message = " ".join(str(err).split())
+    required = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message)
+    if required:
+        return TokenizerTrainingError(
+            f"--vocab-size {vocab_size}: too small for {where}: its characters, the 256 byte pieces and the "
+            f"special tokens need at least {required.group(2)} pieces (at --character-coverage "
+            f"{options['character_coverage']:g}); use --vocab-size {required.group(2)} or more")
+    largest = _largest_vocab(files, json_key, options)
+    if largest is not None and largest < MIN_VOCAB_SIZE:
+        return TokenizerTrainingError(
+            f"{where}: too little text: its {stats['bytes']:,} bytes allow at most {largest} pieces "
+            f"({options['model_type']}), fewer than the {MIN_VOCAB_SIZE} this tokenizer needs (--vocab-size "
+            f"{vocab_size}); give more text")
+    if largest is not None and largest < vocab_size:
+        return TokenizerTrainingError(
+            f"--vocab-size {vocab_size}: too large for {where}: its {stats['bytes']:,} bytes of text allow at "
+            f"most {largest} pieces ({options['model_type']}); use --vocab-size {largest} or less, or more text")
+    return TokenizerTrainingError(f"{where}: SentencePiece training failed (--vocab-size {vocab_size}, "
+                                  f"--model-type {options['model_type']}): {message}")
+
+
 def train_sentencepiece(inputs: Sequence[str] | str, output_prefix: str, vocab_size: int = 4096,
                         model_type: str = "bpe", json_key: str = "text", threads: int = 1,
-                        character_coverage: float = 1.0) -> dict:
+                        character_coverage: float = 1.0, overwrite: bool = True) -> dict:
     """Writes ``<output_prefix>.model`` and ``.vocab`` (atomically); returns a summary with the
-    EOD id (``eod_id``)."""
+    EOD id (``eod_id``). With ``overwrite`` false (the command line's default), existing files
+    stop it before training."""
     import sentencepiece
 
     if model_type not in MODEL_TYPES:
         raise TokenizerTrainingError(f"--model-type {model_type!r} is not one of {', '.join(MODEL_TYPES)}")
-    if vocab_size < 300:
+    if vocab_size < MIN_VOCAB_SIZE:
         raise TokenizerTrainingError(f"--vocab-size {vocab_size}: too small (256 byte-fallback pieces, the "
                                      "special tokens and the characters need at least ~300)")
     if threads < 1:
         raise TokenizerTrainingError(f"--threads: must be >= 1, got {threads}")
+    if not 0.98 <= character_coverage <= 1:  # what SentencePiece accepts
+        raise TokenizerTrainingError(f"--character-coverage {character_coverage:g}: expected a fraction in "
+                                     "[0.98, 1]")
+    targets = [output_prefix + ".model", output_prefix + ".vocab"]
     try:
         files = expand_inputs([inputs] if isinstance(inputs, str) else inputs)
+        if not overwrite:
+            refuse_existing(targets, "--output-prefix", output_prefix)
+        make_output_dir(output_prefix, create=False)  # created once there is something to write
     except PreprocessError as err:
         raise TokenizerTrainingError(str(err)) from None
-    stats = {"documents": 0, "paragraphs": 0, "bytes": 0}
-    model = io.BytesIO()
+    stats = {"lines": 0, "documents": 0, "paragraphs": 0, "bytes": 0}
+    options = {"model_type": model_type, "vocab_size": vocab_size, "character_coverage": character_coverage,
+               "num_threads": threads}
     start = time.perf_counter()
     try:
-        sentencepiece.SentencePieceTrainer.train(
-            sentence_iterator=_paragraphs(files, json_key, stats), model_writer=model,
-            model_type=model_type, vocab_size=vocab_size, character_coverage=character_coverage,
-            normalization_rule_name="identity", remove_extra_whitespaces=False, user_defined_symbols=["\n"],
-            byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True,
-            unk_id=UNK_ID, bos_id=BOS_ID, eos_id=vocab_size - 1, pad_id=-1,
-            input_sentence_size=0, shuffle_input_sentence=False, max_sentence_length=MAX_SENTENCE_BYTES,
-            num_threads=threads, minloglevel=2)
+        model = _train(files, json_key, stats, eos_id=vocab_size - 1, **options)
     except RuntimeError as err:
-        message = str(err)
-        if "Vocabulary size" in message:
-            raise TokenizerTrainingError(f"--vocab-size {vocab_size}: {message.strip()}") from None
-        raise TokenizerTrainingError(f"sentencepiece training failed: {message.strip()}") from None
-    if stats["documents"] == 0:
-        raise TokenizerTrainingError(f"--input {' '.join(files)}: no documents")
+        raise _training_failed(err, files, json_key, stats, options) from None
     seconds = time.perf_counter() - start
 
-    sp = sentencepiece.SentencePieceProcessor(model_proto=model.getvalue())
+    sp = sentencepiece.SentencePieceProcessor(model_proto=model)
     # One "piece<TAB>score" line per id, as sentencepiece writes it, but with the newline piece
     # written as \n so that line i is id i.
     pieces = [sp.id_to_piece(i).replace("\n", "\\n") for i in range(sp.get_piece_size())]
     vocab_lines = "".join(f"{piece}\t{sp.get_score(i):g}\n" for i, piece in enumerate(pieces))
-    Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
-    targets = {output_prefix + ".model": model.getvalue(), output_prefix + ".vocab": vocab_lines.encode("utf-8")}
-    temps = {path: f"{path}.tmp-{os.getpid()}" for path in targets}
+    contents = dict(zip(targets, (model, vocab_lines.encode("utf-8"))))
     try:
-        for path, data in targets.items():
+        make_output_dir(output_prefix)
+    except PreprocessError as err:
+        raise TokenizerTrainingError(str(err)) from None
+    remove_stale_temps(targets, sys.stderr)
+    temps = {path: temp_path(path) for path in targets}
+    try:
+        for path, data in contents.items():
             with open(temps[path], "wb") as handle:
                 handle.write(data)
+        if not overwrite:  # appeared while this run was training
+            refuse_existing(targets, "--output-prefix", output_prefix)
         for path in targets:
             os.replace(temps[path], path)
-    except BaseException:
+    except PreprocessError as err:
+        raise TokenizerTrainingError(str(err)) from None
+    except OSError as err:
+        raise TokenizerTrainingError(f"--output-prefix {output_prefix}: cannot write {err.filename or output_prefix}: "
+                                     f"{err.strerror or err}") from None
+    finally:
         for temp in temps.values():
             if os.path.exists(temp):
                 os.unlink(temp)
-        raise
     return {
         "model": output_prefix + ".model",
         "vocab": output_prefix + ".vocab",
@@ -126,7 +207,9 @@ def train_sentencepiece(inputs: Sequence[str] | str, output_prefix: str, vocab_s
         "eod_id": sp.eos_id(),
         "eod_piece": sp.id_to_piece(sp.eos_id()),
         "seconds": seconds,
-        **stats,
+        "documents": stats["documents"],
+        "paragraphs": stats["paragraphs"],
+        "bytes": stats["bytes"],
     }
 
 
@@ -142,10 +225,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--character-coverage", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=1,
                         help="trainer threads (recorded in the .model: keep it fixed for identical files)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing <prefix>.model/.vocab (without it, they stop the run at once)")
     args = parser.parse_args(argv)
     try:
         summary = train_sentencepiece(args.input, args.output_prefix, args.vocab_size, args.model_type,
-                                      args.json_key, args.threads, args.character_coverage)
+                                      args.json_key, args.threads, args.character_coverage,
+                                      overwrite=args.overwrite)
     except TokenizerTrainingError as err:
         print(f"train_tokenizer: error: {err}", file=sys.stderr)
         return 1

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -131,7 +132,7 @@ def test_huggingface_tokenizer_json(gpt2_dir, texts, tmp_path):
     reference = node_gpt2(gpt2_dir, texts[:6])
     for model in models_to_try:
         assert main(["--input", str(data), "--output-prefix", str(tmp_path / "out"), "--tokenizer-type",
-                     "HuggingFaceTokenizer", "--tokenizer-model", str(model), "--append-eod"]) == 0
+                     "HuggingFaceTokenizer", "--tokenizer-model", str(model), "--append-eod", "--overwrite"]) == 0
         docs, _ = read_back(tmp_path / "out_text_document")
         assert docs == [ids + [50256] for ids in reference], model
 
@@ -378,3 +379,253 @@ def test_flag_errors_name_the_flag(gpt2_dir, tmp_path, capsys):
     assert files_in(tmp_path) == ["in.jsonl"]
     with pytest.raises(PreprocessError, match="--tokenizer-type"):
         build_tokenizer("WordPieceTokenizer")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input through the real command lines (issue 9): exit 1 with one line naming the file, line,
+# key or flag; no traceback; nothing written or changed at the destination.
+
+ENTRY_POINTS = {
+    "tools": [sys.executable, str(REPO / "tools" / "preprocess_data.py")],
+    "cli": [sys.executable, "-m", "megatron_let.cli", "preprocess"],
+}
+CLI_ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def run_entry(entry, args, **kwargs):
+    return subprocess.run(ENTRY_POINTS[entry] + [str(a) for a in args], cwd=REPO, env=CLI_ENV,
+                          capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def jsonl_lines(*records):
+    """Lines as bytes: a dict is dumped as JSON, bytes are written as they are."""
+    return b"".join((r if isinstance(r, bytes) else json.dumps(r).encode()) + b"\n" for r in records)
+
+
+# Each case: (tmp directory, real texts, tokenizer model) → (input files, extra flags, what the
+# message must name).
+# The output prefix is <tmp>/out/ds unless the case gives --output-prefix itself.
+
+def case_empty_file(tmp, texts, sp_model):
+    (tmp / "empty.jsonl").write_bytes(b"")
+    return [tmp / "empty.jsonl"], [], [str(tmp / "empty.jsonl"), "empty", "nothing was written"]
+
+
+def case_blank_lines(tmp, texts, sp_model):
+    (tmp / "blank.jsonl").write_bytes(b"\n  \n\r\n")
+    return [tmp / "blank.jsonl"], [], [str(tmp / "blank.jsonl"), "all 3 lines are blank"]
+
+
+def case_empty_texts(tmp, texts, sp_model):
+    (tmp / "a.jsonl").write_bytes(jsonl_lines({"text": ""}, {"text": "", "id": 2}))
+    (tmp / "b.jsonl").write_bytes(jsonl_lines({"text": ""}))
+    return [tmp / "*.jsonl"], [], [str(tmp / "a.jsonl"), str(tmp / "b.jsonl"), "'text'", "empty"]
+
+
+def case_one_key_empty(tmp, texts, sp_model):
+    (tmp / "in.jsonl").write_bytes(jsonl_lines(*({"text": t, "title": ""} for t in texts[:3])))
+    return [tmp / "in.jsonl"], ["--json-keys", "text", "title"], [str(tmp / "in.jsonl"), "--json-keys 'title'"]
+
+
+def case_all_lines_skipped(tmp, texts, sp_model):
+    (tmp / "in.jsonl").write_bytes(jsonl_lines(*({"body": t} for t in texts[:3])))
+    return [tmp / "in.jsonl"], ["--skip-bad-lines"], [str(tmp / "in.jsonl"), "all 3 non-blank lines are malformed",
+                                                       f"{tmp / 'in.jsonl'}:1: missing key 'text'"]
+
+
+def case_invalid_json(tmp, texts, sp_model):
+    (tmp / "in.jsonl").write_bytes(jsonl_lines({"text": texts[0]}, json.dumps({"text": texts[1]})[:-9].encode(),
+                                               {"text": texts[2]}))
+    return [tmp / "in.jsonl"], ["--workers", "2"], [f"{tmp / 'in.jsonl'}:2: invalid JSON"]
+
+
+def case_bad_line_after_writing_began(tmp, texts, sp_model):  # the dataset files exist by then
+    lines = [{"text": t} for t in texts[:11]] + [json.dumps({"text": texts[11]})[:-2].encode()]
+    (tmp / "in.jsonl").write_bytes(jsonl_lines(*lines))
+    return [tmp / "in.jsonl"], ["--workers", "2"], [f"{tmp / 'in.jsonl'}:12: invalid JSON"]
+
+
+def case_missing_key(tmp, texts, sp_model):
+    (tmp / "in.jsonl").write_bytes(jsonl_lines({"text": texts[0]}, b"", {"content": texts[1]}))
+    return [tmp / "in.jsonl"], [], [f"{tmp / 'in.jsonl'}:3: missing key 'text'", "--json-keys", "'content'"]
+
+
+def case_missing_second_key(tmp, texts, sp_model):
+    (tmp / "in.jsonl").write_bytes(jsonl_lines({"text": texts[0], "title": "a"}, {"text": texts[1]}))
+    return [tmp / "in.jsonl"], ["--json-keys", "text", "title", "--workers", "2"], \
+        [f"{tmp / 'in.jsonl'}:2: missing key 'title'", "--json-keys"]
+
+
+def case_utf16_file(tmp, texts, sp_model):  # saved as "Unicode" by a Windows editor
+    (tmp / "in.jsonl").write_bytes(jsonl_lines({"text": texts[0]}).decode().encode("utf-16"))
+    return [tmp / "in.jsonl"], [], [f"{tmp / 'in.jsonl'}:1: not valid UTF-8"]
+
+
+def case_latin1_line(tmp, texts, sp_model):
+    lines = [{"text": t} for t in texts[:2]] + [json.dumps({"text": texts[2] + " café"}, ensure_ascii=False)
+                                                .encode("latin-1")]
+    (tmp / "in.jsonl").write_bytes(jsonl_lines(*lines))
+    return [tmp / "in.jsonl"], [], [f"{tmp / 'in.jsonl'}:3: not valid UTF-8"]
+
+
+def case_lone_surrogate(tmp, texts, sp_model):  # valid JSON, but no tokenizer can encode it
+    (tmp / "in.jsonl").write_bytes(jsonl_lines({"text": texts[0]}, {"text": texts[1][:50] + "\ud83d"}))
+    return [tmp / "in.jsonl"], [], [f"{tmp / 'in.jsonl'}:2: key 'text'", "surrogate"]
+
+
+def case_output_under_a_file(tmp, texts, sp_model):
+    (tmp / "in.jsonl").write_bytes(jsonl_lines({"text": texts[0]}))
+    (tmp / "out" / "notes.txt").write_text(texts[1])
+    prefix = tmp / "out" / "notes.txt" / "ds"
+    return [tmp / "in.jsonl"], ["--output-prefix", prefix], \
+        ["--output-prefix", str(prefix), f"{tmp / 'out' / 'notes.txt'} is a file"]
+
+
+def case_existing_output(tmp, texts, sp_model):
+    (tmp / "in.jsonl").write_bytes(jsonl_lines(*({"text": t} for t in texts[:3])))
+    preprocess(str(tmp / "in.jsonl"), str(tmp / "out" / "ds"), build_tokenizer("SentencePieceTokenizer", sp_model),
+               log_interval=0)
+    return [tmp / "in.jsonl"], [], ["--output-prefix", str(tmp / "out" / "ds_text_document.bin"), "--overwrite"]
+
+
+def case_input_is_a_directory(tmp, texts, sp_model):
+    return [tmp / "out"], [], ["--input", str(tmp / "out"), "a directory"]
+
+
+BAD_INPUTS = [  # (case, entry point)
+    (case_empty_file, "tools"),
+    (case_blank_lines, "cli"),
+    (case_empty_texts, "tools"),
+    (case_one_key_empty, "cli"),
+    (case_all_lines_skipped, "tools"),
+    (case_invalid_json, "cli"),
+    (case_bad_line_after_writing_began, "tools"),
+    (case_missing_key, "tools"),
+    (case_missing_second_key, "tools"),
+    (case_utf16_file, "cli"),
+    (case_latin1_line, "tools"),
+    (case_lone_surrogate, "cli"),
+    (case_output_under_a_file, "tools"),
+    (case_existing_output, "cli"),
+    (case_input_is_a_directory, "tools"),
+]
+
+
+def snapshot(directory):
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(Path(directory).rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.parametrize("case, entry", BAD_INPUTS, ids=[c.__name__[5:] for c, _ in BAD_INPUTS])
+def test_bad_input_is_named_and_nothing_is_written(case, entry, sp_model, texts, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    inputs, flags, expected = case(tmp_path, texts, sp_model)
+    before = snapshot(out)
+    args = ["--input", *inputs, "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", sp_model]
+    if "--output-prefix" not in flags:
+        args += ["--output-prefix", out / "ds"]
+    result = run_entry(entry, args + flags)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert result.stderr.startswith("preprocess_data: error: ") and len(result.stderr.strip().splitlines()) == 1, \
+        result.stderr
+    for needle in expected:
+        assert needle in result.stderr, (needle, result.stderr)
+    assert snapshot(out) == before  # nothing new, nothing half-written, nothing replaced
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals: Slurm's time limit or scancel (SIGTERM to the whole process group), SIGKILL
+
+
+def group_members(pgid):
+    """Live (not zombie) processes of a process group, from /proc."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def start_long_run(data, out, sp_model):
+    """The command-line tool on ``data`` with two workers, as the leader of its own process group
+    (as a batch job's step is); returns once it has written its first documents."""
+    proc = subprocess.Popen(ENTRY_POINTS["tools"] + [
+        "--input", str(data), "--output-prefix", str(out / "ds"), "--tokenizer-type", "SentencePieceTokenizer",
+        "--tokenizer-model", sp_model, "--workers", "2", "--log-interval", "10", "--append-eod"],
+        cwd=REPO, env=CLI_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    line = proc.stderr.readline()
+    while line and not line.startswith("processed"):
+        line = proc.stderr.readline()
+    assert line.startswith("processed"), "no progress line before the end of the run"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def long_input(texts, tmp_path_factory):
+    """Real documents, enough of them that two workers need tens of seconds."""
+    path = tmp_path_factory.mktemp("long") / "long.jsonl"
+    return write_jsonl(path, [{"text": t} for t in texts] * 60)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process groups from /proc")
+def test_sigterm_to_the_process_group_stops_at_once(long_input, sp_model, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = start_long_run(long_input, out, sp_model)
+    try:
+        assert len(group_members(proc.pid)) == 3  # the tool and its two workers, all working
+        assert any(name.startswith("ds_text_document.bin.tmp-") for name in files_in(out))
+        sent = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM)  # what Slurm and scancel do
+        _, err = proc.communicate(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    print(f"\nSIGTERM to exit: {took:.2f} s")
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert took < 20, f"took {took:.1f} s to stop"
+    assert "Traceback" not in err and "interrupted (SIGTERM); no output written" in err, err
+    deadline = time.monotonic() + 10
+    while group_members(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert group_members(proc.pid) == []  # no worker left behind
+    assert files_in(out) == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process groups from /proc")
+def test_sigkill_leftovers_are_removed_by_the_next_run(long_input, sp_model, texts, tmp_path, capsys):
+    """A SIGKILL (the out-of-memory killer) leaves the temporary files: the workers die with the
+    tool, nothing reaches the output names, and the next run for the same outputs removes them."""
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = start_long_run(long_input, out, sp_model)
+    try:
+        os.kill(proc.pid, signal.SIGKILL)  # the tool alone: its workers must follow
+        proc.communicate(timeout=60)
+        deadline = time.monotonic() + 10
+        while group_members(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert group_members(proc.pid) == []
+    finally:
+        if group_members(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+    left = files_in(out)
+    assert left and all(name.startswith(("ds_text_document.bin.tmp-", "ds_text_document.idx.tmp-")) and
+                        name.endswith(f"-{proc.pid}") for name in left), left
+    data = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in texts[:3]])
+    assert main(["--input", str(data), "--output-prefix", str(out / "ds"), "--tokenizer-type",
+                 "SentencePieceTokenizer", "--tokenizer-model", sp_model, "--append-eod"]) == 0
+    err = capsys.readouterr().err
+    for name in left:
+        assert f"removed {out / name}, left by an interrupted run (process {proc.pid} is gone)" in err
+    assert files_in(out) == ["ds_text_document.bin", "ds_text_document.idx"]
+    docs, _ = read_back(out / "ds_text_document")
+    assert len(docs) == 3
