@@ -31,7 +31,7 @@ setup(
         "gpu": ["transformer-engine[pytorch]"],
         "hf": HF,
         "eval": EVAL,
-        "test": ["pytest>=8", "pytest-timeout"] + HF + EVAL,
+        "test": ["pytest>=8", "pytest-timeout", "ruff==0.17.6", "mypy==2.4.1"] + HF + EVAL,
     },
     entry_points={"console_scripts": ["megatron-let=megatron_let.cli:main"]},
 )

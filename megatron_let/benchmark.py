@@ -126,8 +126,14 @@ def summary(values: Sequence[float]) -> Optional[dict]:
         p25, _, p75 = statistics.quantiles(values, n=4, method="inclusive")
     else:
         p25 = p75 = values[0]
-    return {"n": len(values), "median": statistics.median(values), "p25": p25, "p75": p75,
-            "min": min(values), "max": max(values)}
+    return {
+        "n": len(values),
+        "median": statistics.median(values),
+        "p25": p25,
+        "p75": p75,
+        "min": min(values),
+        "max": max(values),
+    }
 
 
 def read_train_records(path: str | Path) -> list[dict]:
@@ -154,8 +160,10 @@ def split_phases(let_runs: Sequence[Sequence[dict]], warmup: int) -> dict:
     schedule = schedules[0]
     aligned = sorted(i for i, lam in schedule.items() if lam > 0)
     if not aligned:
-        raise BenchmarkError("the LET run never aligned (λ = 0 at every iteration): does the config have a "
-                             "teacher, and alignment.lambda0 > 0?")
+        raise BenchmarkError(
+            "the LET run never aligned (λ = 0 at every iteration): does the config have a "
+            "teacher, and alignment.lambda0 > 0?"
+        )
     release = min((i for i, lam in schedule.items() if lam == 0 and i > aligned[-1]), default=None)
     after = sorted(i for i, lam in schedule.items() if lam == 0 and release is not None and i > release)
     return {
@@ -175,8 +183,9 @@ def _variant_phase(runs: Sequence[Sequence[dict]], iterations: Sequence[int], va
         chosen = [r for r in run if r["iteration"] in wanted]
         missing = wanted - {r["iteration"] for r in chosen}
         if missing:
-            raise BenchmarkError(f"{LABELS[variant]} repeat {index + 1} has no record of iteration(s) "
-                                 f"{sorted(missing)[:5]}")
+            raise BenchmarkError(
+                f"{LABELS[variant]} repeat {index + 1} has no record of iteration(s) {sorted(missing)[:5]}"
+            )
         pooled += chosen
         per_repeat.append(statistics.median(r["step_time_s"] for r in chosen) if chosen else None)
     out: dict = {name: summary([r[name] for r in pooled]) for name in SERIES}
@@ -184,10 +193,10 @@ def _variant_phase(runs: Sequence[Sequence[dict]], iterations: Sequence[int], va
     for name in MEMORY:
         values = [r[name] for r in pooled if r.get(name) is not None]
         out[name] = max(values) if values else None
-    out["tokens_per_step"] = (statistics.median(r["tokens_per_s"] * r["step_time_s"] for r in pooled)
-                              if pooled else None)
-    out["tflop_per_gpu_per_step"] = (statistics.median(r["tflops_per_gpu"] * r["step_time_s"] for r in pooled)
-                                     if pooled else None)
+    out["tokens_per_step"] = statistics.median(r["tokens_per_s"] * r["step_time_s"] for r in pooled) if pooled else None
+    out["tflop_per_gpu_per_step"] = (
+        statistics.median(r["tflops_per_gpu"] * r["step_time_s"] for r in pooled) if pooled else None
+    )
     return out
 
 
@@ -213,8 +222,7 @@ def _ratios(base: dict, let: dict) -> dict:
 
 def _point(value: Optional[float]) -> Optional[dict]:
     """A figure without spread, in the shape of :func:`summary` (for run-averaged and extrapolated rows)."""
-    return None if value is None else {"n": None, "median": value, "p25": None, "p75": None, "min": None,
-                                       "max": None}
+    return None if value is None else {"n": None, "median": value, "p25": None, "p75": None, "min": None, "max": None}
 
 
 def run_average(during: dict, after: dict, train_iters: int, stop_step: int) -> dict:
@@ -249,15 +257,18 @@ def run_average(during: dict, after: dict, train_iters: int, stop_step: int) -> 
 
 
 def _run_averaged(phases: dict, train_iters: int, stop_step: int) -> dict:
-    combined: dict = {v: run_average(phases["during"][v], phases["after"][v], train_iters, stop_step)
-                      for v in VARIANTS}
+    combined: dict = {v: run_average(phases["during"][v], phases["after"][v], train_iters, stop_step) for v in VARIANTS}
     combined["ratios"] = _ratios(combined["baseline"], combined["let"])
     combined["train_iters"], combined["stop_step"] = train_iters, stop_step
     return combined
 
 
-def analyse(let_runs: Sequence[Sequence[dict]], baseline_runs: Sequence[Sequence[dict]], warmup: int,
-            projection: Optional[tuple[int, int]] = None) -> dict:
+def analyse(
+    let_runs: Sequence[Sequence[dict]],
+    baseline_runs: Sequence[Sequence[dict]],
+    warmup: int,
+    projection: Optional[tuple[int, int]] = None,
+) -> dict:
     """Table-4 figures from the train records of the LET and baseline repeats.
 
     Returns ``{"during": ..., "after": ..., "run_averaged": ..., ["run_averaged_projected": ...,]
@@ -267,8 +278,10 @@ def analyse(let_runs: Sequence[Sequence[dict]], baseline_runs: Sequence[Sequence
     split = split_phases(let_runs, warmup)
     result: dict = {"iterations": split}
     for phase in ("during", "after"):
-        entry = {"baseline": _variant_phase(baseline_runs, split[phase], "baseline"),
-                 "let": _variant_phase(let_runs, split[phase], "let")}
+        entry = {
+            "baseline": _variant_phase(baseline_runs, split[phase], "baseline"),
+            "let": _variant_phase(let_runs, split[phase], "let"),
+        }
         entry["ratios"] = _ratios(entry["baseline"], entry["let"])
         entry["iterations"] = split[phase]
         result[phase] = entry
@@ -287,8 +300,7 @@ def _fit(xs: Sequence[float], ys: Sequence[Optional[float]]) -> Optional[tuple[f
     return my - slope * mx, slope
 
 
-def extrapolate(by_layers: dict[int, dict], target_layers: int,
-                projection: Optional[tuple[int, int]] = None) -> dict:
+def extrapolate(by_layers: dict[int, dict], target_layers: int, projection: Optional[tuple[int, int]] = None) -> dict:
     """Per-layer linear extrapolation of the during/after figures of several depths to ``target_layers``."""
     depths = sorted(by_layers)
     result: dict = {"from_layers": depths, "to_layers": target_layers, "per_layer": {}}
@@ -309,15 +321,17 @@ def extrapolate(by_layers: dict[int, dict], target_layers: int,
             entry[variant] = {
                 "step_time_s": _point(t),
                 "tokens_per_s": _point(tokens / t if tokens is not None and t else None),
-                "tflops_per_gpu": _point(value["tflop_per_gpu_per_step"] / t
-                                         if value["tflop_per_gpu_per_step"] is not None and t else None),
+                "tflops_per_gpu": _point(
+                    value["tflop_per_gpu_per_step"] / t if value["tflop_per_gpu_per_step"] is not None and t else None
+                ),
                 "per_repeat_median_step_time_s": None,
                 "tokens_per_step": tokens,
                 "tflop_per_gpu_per_step": value["tflop_per_gpu_per_step"],
                 **{name: value[name] for name in MEMORY},
             }
-            per_layer[variant] = {k: (None if fit is None else {"fixed": fit[0], "per_layer": fit[1]})
-                                  for k, fit in fits.items()}
+            per_layer[variant] = {
+                k: (None if fit is None else {"fixed": fit[0], "per_layer": fit[1]}) for k, fit in fits.items()
+            }
         entry["ratios"] = _ratios(entry["baseline"], entry["let"])
         result[phase] = entry
         result["per_layer"][phase] = per_layer
@@ -397,8 +411,18 @@ def overrides(args: argparse.Namespace, run: Run) -> list[str]:
 
 
 def command(args: argparse.Namespace, run: Run) -> list[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc_per_node}",
-           "--nnodes=1", f"--master-port={_free_port()}", "-m", "megatron_let.train", "--config", args.config]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={args.nproc_per_node}",
+        "--nnodes=1",
+        f"--master-port={_free_port()}",
+        "-m",
+        "megatron_let.train",
+        "--config",
+        args.config,
+    ]
     for assignment in overrides(args, run):
         cmd += ["--set", assignment]
     return cmd
@@ -437,25 +461,33 @@ def execute(args: argparse.Namespace, run: Run, index: int, total: int) -> None:
             run.returncode = proc.wait(timeout=args.run_timeout)
         except subprocess.TimeoutExpired:
             _kill(proc)
-            raise BenchmarkError(f"run {label} timed out after {args.run_timeout} s; last lines of "
-                                 f"{run.log_path}:\n{_tail(run.log_path)}") from None
+            raise BenchmarkError(
+                f"run {label} timed out after {args.run_timeout} s; last lines of "
+                f"{run.log_path}:\n{_tail(run.log_path)}"
+            ) from None
         except BaseException:
             _kill(proc)
             raise
     run.wall_s = time.monotonic() - start
     progress(f"[{index}/{total}] {label}: exit status {run.returncode} after {run.wall_s:.1f} s")
     if run.returncode != 0:
-        raise BenchmarkError(f"run {label} failed with exit status {run.returncode}; last lines of "
-                             f"{run.log_path}:\n{_tail(run.log_path)}")
+        raise BenchmarkError(
+            f"run {label} failed with exit status {run.returncode}; last lines of "
+            f"{run.log_path}:\n{_tail(run.log_path)}"
+        )
     if not run.metrics_path.exists():
-        raise BenchmarkError(f"run {label} exited 0 but wrote no {run.metrics_path}; last lines of "
-                             f"{run.log_path}:\n{_tail(run.log_path)}")
+        raise BenchmarkError(
+            f"run {label} exited 0 but wrote no {run.metrics_path}; last lines of "
+            f"{run.log_path}:\n{_tail(run.log_path)}"
+        )
     run.records = read_train_records(run.metrics_path)
     iterations = [r["iteration"] for r in run.records]
     if iterations != list(range(1, args.train_iters + 1)):
-        raise BenchmarkError(f"run {label} recorded iterations {iterations[:3]}...{iterations[-3:]} in "
-                             f"{run.metrics_path}, expected 1..{args.train_iters}; last lines of "
-                             f"{run.log_path}:\n{_tail(run.log_path)}")
+        raise BenchmarkError(
+            f"run {label} recorded iterations {iterations[:3]}...{iterations[-3:]} in "
+            f"{run.metrics_path}, expected 1..{args.train_iters}; last lines of "
+            f"{run.log_path}:\n{_tail(run.log_path)}"
+        )
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -482,7 +514,7 @@ def _fmt(value: Optional[float], digits: int = 4) -> str:
     if value is None:
         return "n/a"
     if value == 0 or 1e-3 <= abs(value) < 1e6:
-        return f"{value:.{digits}g}" if abs(value) < 10 ** digits else f"{value:.0f}"
+        return f"{value:.{digits}g}" if abs(value) < 10**digits else f"{value:.0f}"
     return f"{value:.{digits - 1}e}"
 
 
@@ -491,8 +523,7 @@ def _with_spread(stats: Optional[dict]) -> str:
         return "n/a"
     text = _fmt(stats["median"])
     if stats.get("p25") is not None and stats.get("n", 0) > 1:
-        text += (f"  [IQR {_fmt(stats['p25'])}–{_fmt(stats['p75'])},"
-                 f" range {_fmt(stats['min'])}–{_fmt(stats['max'])}]")
+        text += f"  [IQR {_fmt(stats['p25'])}–{_fmt(stats['p75'])}, range {_fmt(stats['min'])}–{_fmt(stats['max'])}]"
     return text
 
 
@@ -504,16 +535,36 @@ def phase_rows(entry: dict, kind: str = "median") -> list[list[str]]:
     """``kind``: how the rows' figures were formed ("median", "time-weighted", "extrapolated")."""
     base, let, ratios = entry["baseline"], entry["let"], entry["ratios"]
     return [
-        [f"step time, s ({kind})", _with_spread(base["step_time_s"]), _with_spread(let["step_time_s"]),
-         f"throughput {_ratio_text(ratios['throughput'])}"],
-        [f"tokens/s ({kind})", _with_spread(base["tokens_per_s"]), _with_spread(let["tokens_per_s"]),
-         _ratio_text(ratios["tokens_per_s"])],
-        [f"TFLOP/s per GPU ({kind})", _with_spread(base["tflops_per_gpu"]), _with_spread(let["tflops_per_gpu"]),
-         _ratio_text(ratios["tflops_per_gpu"])],
-        ["peak memory allocated, GiB", _fmt(base["peak_memory_allocated_gib"]),
-         _fmt(let["peak_memory_allocated_gib"]), _ratio_text(ratios["peak_memory_allocated"])],
-        ["peak memory reserved, GiB", _fmt(base["peak_memory_reserved_gib"]),
-         _fmt(let["peak_memory_reserved_gib"]), _ratio_text(ratios["peak_memory_reserved"])],
+        [
+            f"step time, s ({kind})",
+            _with_spread(base["step_time_s"]),
+            _with_spread(let["step_time_s"]),
+            f"throughput {_ratio_text(ratios['throughput'])}",
+        ],
+        [
+            f"tokens/s ({kind})",
+            _with_spread(base["tokens_per_s"]),
+            _with_spread(let["tokens_per_s"]),
+            _ratio_text(ratios["tokens_per_s"]),
+        ],
+        [
+            f"TFLOP/s per GPU ({kind})",
+            _with_spread(base["tflops_per_gpu"]),
+            _with_spread(let["tflops_per_gpu"]),
+            _ratio_text(ratios["tflops_per_gpu"]),
+        ],
+        [
+            "peak memory allocated, GiB",
+            _fmt(base["peak_memory_allocated_gib"]),
+            _fmt(let["peak_memory_allocated_gib"]),
+            _ratio_text(ratios["peak_memory_allocated"]),
+        ],
+        [
+            "peak memory reserved, GiB",
+            _fmt(base["peak_memory_reserved_gib"]),
+            _fmt(let["peak_memory_reserved_gib"]),
+            _ratio_text(ratios["peak_memory_reserved"]),
+        ],
     ]
 
 
@@ -569,7 +620,8 @@ def format_report(report: dict) -> str:
             lines += ["", f"=== target with {depth} layers (measured) ==="]
         release = entry["phases"]["iterations"]["release_iteration"]
         warm = {0: "no warm-up iterations", 1: "iteration 1 is warm-up (excluded)"}.get(
-            setup["warmup"], f"iterations 1–{setup['warmup']} are warm-up (excluded)")
+            setup["warmup"], f"iterations 1–{setup['warmup']} are warm-up (excluded)"
+        )
         if release is not None:
             lines.append(f"teacher released at iteration {release} (excluded from 'after S_stop'); {warm}")
         else:
@@ -577,20 +629,28 @@ def format_report(report: dict) -> str:
         lines += format_block(entry["phases"], setup["repeats"])
     syncs = [(run["name"], run["host_syncs"]) for run in report["runs"] if run.get("host_syncs") is not None]
     if syncs:
-        lines += ["", "host-device synchronisations in one step (CUDA sync debug mode; call sites in each "
-                      "run's output.log): " + ", ".join(f"{name} {count}" for name, count in syncs)]
+        lines += [
+            "",
+            "host-device synchronisations in one step (CUDA sync debug mode; call sites in each "
+            "run's output.log): " + ", ".join(f"{name} {count}" for name, count in syncs),
+        ]
     extra = report.get("extrapolation")
     if extra:
         depths = ", ".join(map(str, extra["from_layers"]))
-        lines += ["", f"=== EXTRAPOLATION (not measured): a per-layer linear fit through {depths} layers, "
-                      f"evaluated at {extra['to_layers']} layers ==="]
+        lines += [
+            "",
+            f"=== EXTRAPOLATION (not measured): a per-layer linear fit through {depths} layers, "
+            f"evaluated at {extra['to_layers']} layers ===",
+        ]
         for phase in ("during", "after"):
             for variant in VARIANTS:
                 fit = extra["per_layer"][phase][variant]["step_time_s"]
                 if fit is not None:
                     sign = "+" if fit["per_layer"] >= 0 else "−"
-                    lines.append(f"  {PHASE_TITLES[phase]}, {LABELS[variant]}: step time ≈ {_fmt(fit['fixed'])} s "
-                                 f"{sign} {_fmt(abs(fit['per_layer']))} s per layer")
+                    lines.append(
+                        f"  {PHASE_TITLES[phase]}, {LABELS[variant]}: step time ≈ {_fmt(fit['fixed'])} s "
+                        f"{sign} {_fmt(abs(fit['per_layer']))} s per layer"
+                    )
         lines += format_block(extra, None, prefix="EXTRAPOLATION: ")
     return "\n".join(lines)
 
@@ -629,37 +689,75 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="megatron-let benchmark",
         description="Baseline vs LET step time, throughput and peak memory (the LET paper's Table 4 layout), "
-                    "each run a fresh torchrun process group. See megatron_let/benchmark.py for how each "
-                    "figure is computed.")
-    parser.add_argument("--config", required=True, help="the YAML config of the LET run (baseline: the same, "
-                        "alignment.enabled=false)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override passed to every run (repeatable), e.g. --set teacher.load=null")
+        "each run a fresh torchrun process group. See megatron_let/benchmark.py for how each "
+        "figure is computed.",
+    )
+    parser.add_argument(
+        "--config", required=True, help="the YAML config of the LET run (baseline: the same, alignment.enabled=false)"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override passed to every run (repeatable), e.g. --set teacher.load=null",
+    )
     parser.add_argument("--nproc-per-node", type=int, default=1)
     parser.add_argument("--train-iters", type=int, default=40, help="iterations per run (default 40)")
-    parser.add_argument("--stop-step", type=int, default=20,
-                        help="S_stop of the LET run: iterations 1..S_stop align (default 20)")
+    parser.add_argument(
+        "--stop-step", type=int, default=20, help="S_stop of the LET run: iterations 1..S_stop align (default 20)"
+    )
     parser.add_argument("--repeats", type=int, default=1, help="runs of each variant, order alternating")
-    parser.add_argument("--warmup", type=int, default=3,
-                        help="first iterations excluded from every phase (default 3)")
-    parser.add_argument("--num-layers", type=int, nargs="+", default=None, metavar="L",
-                        help="override model.num_layers; two or more depths add a per-layer extrapolation "
-                             "to --extrapolate-to layers")
-    parser.add_argument("--extrapolate-to", type=int, default=None, metavar="L",
-                        help="depth of the extrapolation (default: the config's model.num_layers)")
+    parser.add_argument("--warmup", type=int, default=3, help="first iterations excluded from every phase (default 3)")
+    parser.add_argument(
+        "--num-layers",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="L",
+        help="override model.num_layers; two or more depths add a per-layer extrapolation to --extrapolate-to layers",
+    )
+    parser.add_argument(
+        "--extrapolate-to",
+        type=int,
+        default=None,
+        metavar="L",
+        help="depth of the extrapolation (default: the config's model.num_layers)",
+    )
     parser.add_argument("--mock-data", action="store_true", help="data.mock_data=true: no dataset needed")
-    parser.add_argument("--sync-debug", action="store_true",
-                        help="GPU: run the last warm-up iteration under CUDA's sync debug mode and report how many "
-                             "call sites synchronise the host with the device (listed in each run's output.log)")
-    parser.add_argument("--project-train-iters", type=int, default=None, metavar="T",
-                        help="also print the run average projected to T iterations")
-    parser.add_argument("--project-stop-step", type=int, default=None, metavar="S",
-                        help="S_stop of the projection (default: the config's alignment.stop_step)")
-    parser.add_argument("--output-dir", default="runs/benchmark",
-                        help="each run's metrics.jsonl and output.log go to OUTPUT_DIR/<run>/ (default runs/benchmark)")
+    parser.add_argument(
+        "--sync-debug",
+        action="store_true",
+        help="GPU: run the last warm-up iteration under CUDA's sync debug mode and report how many "
+        "call sites synchronise the host with the device (listed in each run's output.log)",
+    )
+    parser.add_argument(
+        "--project-train-iters",
+        type=int,
+        default=None,
+        metavar="T",
+        help="also print the run average projected to T iterations",
+    )
+    parser.add_argument(
+        "--project-stop-step",
+        type=int,
+        default=None,
+        metavar="S",
+        help="S_stop of the projection (default: the config's alignment.stop_step)",
+    )
+    parser.add_argument(
+        "--output-dir",
+        default="runs/benchmark",
+        help="each run's metrics.jsonl and output.log go to OUTPUT_DIR/<run>/ (default runs/benchmark)",
+    )
     parser.add_argument("--json-out", default=None, metavar="FILE", help="write every figure as JSON")
-    parser.add_argument("--run-timeout", type=float, default=None, metavar="SECONDS",
-                        help="stop a run (and the benchmark) after this long")
+    parser.add_argument(
+        "--run-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop a run (and the benchmark) after this long",
+    )
     return parser.parse_args(argv)
 
 
@@ -672,14 +770,16 @@ def _check_args(args: argparse.Namespace) -> None:
             flag = _RESERVED.get(key, "--num-layers")
             raise BenchmarkError(f"--set {key}: the benchmark sets this itself; use {flag}")
     if args.train_iters < 1 or args.stop_step < 1 or args.repeats < 1 or args.warmup < 0 or args.nproc_per_node < 1:
-        raise BenchmarkError("--train-iters, --stop-step, --repeats and --nproc-per-node must be >= 1, "
-                             "--warmup >= 0")
+        raise BenchmarkError("--train-iters, --stop-step, --repeats and --nproc-per-node must be >= 1, --warmup >= 0")
     if args.warmup >= args.stop_step:
-        raise BenchmarkError(f"--warmup {args.warmup} leaves no 'during alignment' iteration before "
-                             f"--stop-step {args.stop_step}")
+        raise BenchmarkError(
+            f"--warmup {args.warmup} leaves no 'during alignment' iteration before --stop-step {args.stop_step}"
+        )
     if args.stop_step + 1 + 1 > args.train_iters:
-        progress(f"note: --train-iters {args.train_iters} leaves no iteration after S_stop + 1 = "
-                 f"{args.stop_step + 1}: 'after S_stop' will be n/a")
+        progress(
+            f"note: --train-iters {args.train_iters} leaves no iteration after S_stop + 1 = "
+            f"{args.stop_step + 1}: 'after S_stop' will be n/a"
+        )
 
 
 def benchmark(args: argparse.Namespace) -> dict:
@@ -704,19 +804,42 @@ def benchmark(args: argparse.Namespace) -> dict:
     results = []
     for depth in depths:
         mine = [r for r in runs if r.num_layers == depth]
-        phases = analyse([r.records for r in mine if r.variant == "let"],
-                         [r.records for r in mine if r.variant == "baseline"], args.warmup, projection)
+        phases = analyse(
+            [r.records for r in mine if r.variant == "let"],
+            [r.records for r in mine if r.variant == "baseline"],
+            args.warmup,
+            projection,
+        )
         results.append({"num_layers": depth, "phases": phases})
     report = {
-        "setup": {"config": args.config, "set": args.set, "nproc_per_node": args.nproc_per_node,
-                  "train_iters": args.train_iters, "stop_step": args.stop_step, "warmup": args.warmup,
-                  "repeats": args.repeats, "mock_data": args.mock_data, "projection": projection,
-                  "output_dir": str(output)},
-        "runs": [{"name": r.name, "variant": r.variant, "repeat": r.repeat, "num_layers": r.num_layers,
-                  "order": i, "directory": str(r.directory), "metrics": str(r.metrics_path),
-                  "log": str(r.log_path), "returncode": r.returncode, "wall_s": r.wall_s,
-                  "host_syncs": next((rec["host_syncs"] for rec in r.records if "host_syncs" in rec), None)}
-                 for i, r in enumerate(runs)],
+        "setup": {
+            "config": args.config,
+            "set": args.set,
+            "nproc_per_node": args.nproc_per_node,
+            "train_iters": args.train_iters,
+            "stop_step": args.stop_step,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "mock_data": args.mock_data,
+            "projection": projection,
+            "output_dir": str(output),
+        },
+        "runs": [
+            {
+                "name": r.name,
+                "variant": r.variant,
+                "repeat": r.repeat,
+                "num_layers": r.num_layers,
+                "order": i,
+                "directory": str(r.directory),
+                "metrics": str(r.metrics_path),
+                "log": str(r.log_path),
+                "returncode": r.returncode,
+                "wall_s": r.wall_s,
+                "host_syncs": next((rec["host_syncs"] for rec in r.records if "host_syncs" in rec), None),
+            }
+            for i, r in enumerate(runs)
+        ],
         "results": results,
         "extrapolation": None,
     }
@@ -724,8 +847,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         target = args.extrapolate_to or _lookup(raw, "model.num_layers")
         if target is None:
             raise BenchmarkError("--extrapolate-to: the config has no model.num_layers to extrapolate to")
-        report["extrapolation"] = extrapolate({r["num_layers"]: r["phases"] for r in results}, int(target),
-                                              projection)
+        report["extrapolation"] = extrapolate({r["num_layers"]: r["phases"] for r in results}, int(target), projection)
     return report
 
 

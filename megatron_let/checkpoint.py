@@ -20,10 +20,9 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpointException
-
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpointException
 
 from megatron_let.config import InputError
 from megatron_let.model import unwrap
@@ -57,14 +56,15 @@ def _model_key(index: int, n_chunks: int) -> str:
 
 def _model_state(model_chunks: list) -> dict:
     return {
-        _model_key(i, len(model_chunks)): unwrap(chunk).sharded_state_dict()
-        for i, chunk in enumerate(model_chunks)
+        _model_key(i, len(model_chunks)): unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(model_chunks)
     }
 
 
 def _rng_layout() -> tuple[int, int]:
-    return (parallel_state.get_pipeline_model_parallel_world_size(),
-            parallel_state.get_tensor_model_parallel_world_size())
+    return (
+        parallel_state.get_pipeline_model_parallel_world_size(),
+        parallel_state.get_tensor_model_parallel_world_size(),
+    )
 
 
 def _rng_object() -> ShardedObject:
@@ -81,7 +81,9 @@ def _rng_object() -> ShardedObject:
     }
     pp, tp = _rng_layout()
     return ShardedObject(
-        "rng_state", state, (pp, tp),
+        "rng_state",
+        state,
+        (pp, tp),
         (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()),
         replica_id=parallel_state.get_data_parallel_rank(),
     )
@@ -105,8 +107,11 @@ _REQUIRED_FILES = ("metadata.json", ".metadata", "common.pt")  # megatron's, tor
 def is_complete(directory: Path) -> bool:
     """A finished dist-checkpoint: renamed from its temp name (so every rank had written) and
     holding megatron's metadata, torch's global ``.metadata`` and the common state."""
-    return (directory.is_dir() and not directory.name.endswith((_TMP, _DELETING))
-            and all((directory / name).exists() for name in _REQUIRED_FILES))
+    return (
+        directory.is_dir()
+        and not directory.name.endswith((_TMP, _DELETING))
+        and all((directory / name).exists() for name in _REQUIRED_FILES)
+    )
 
 
 def saved_iterations(root: str | Path) -> list[int]:
@@ -177,9 +182,19 @@ def _start_writer_immune_to_signals() -> None:
 CONTENT_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
 
 
-def save_checkpoint(root: str | Path, iteration: int, model_chunks: list, optimizer, scheduler,
-                    consumed_samples: int, config_dict: dict, keep_last: Optional[int] = None, *,
-                    fully_parallel: bool = False, async_queue=None) -> Path:
+def save_checkpoint(
+    root: str | Path,
+    iteration: int,
+    model_chunks: list,
+    optimizer,
+    scheduler,
+    consumed_samples: int,
+    config_dict: dict,
+    keep_last: Optional[int] = None,
+    *,
+    fully_parallel: bool = False,
+    async_queue=None,
+) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint directory.
 
     ``fully_parallel``: megatron's fully parallel save wrapper — replicated tensors (data-parallel
@@ -210,14 +225,16 @@ def save_checkpoint(root: str | Path, iteration: int, model_chunks: list, optimi
     # Adam's moments exist only after a step: an iteration-0 checkpoint carries the model alone.
     with_optimizer = optimizer is not None and iteration > 0
     state = _sharded_state(model_chunks, optimizer, with_optimizer)
-    state.update({
-        "iteration": iteration,
-        "consumed_samples": consumed_samples,
-        "has_optimizer": with_optimizer,
-        "rng_layout": list(_rng_layout()),
-        "opt_param_scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "config": config_dict,
-    })
+    state.update(
+        {
+            "iteration": iteration,
+            "consumed_samples": consumed_samples,
+            "has_optimizer": with_optimizer,
+            "rng_layout": list(_rng_layout()),
+            "opt_param_scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "config": config_dict,
+        }
+    )
     strategy = None
     if fully_parallel:
         from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
@@ -225,7 +242,9 @@ def save_checkpoint(root: str | Path, iteration: int, model_chunks: list, optimi
 
         strategy = FullyParallelSaveStrategyWrapper(
             get_default_save_sharded_strategy(),
-            parallel_state.get_data_parallel_group(with_context_parallel=True), do_cache_distribution=True)
+            parallel_state.get_data_parallel_group(with_context_parallel=True),
+            do_cache_distribution=True,
+        )
 
     def finalize() -> None:
         if dist.get_rank() == 0:
@@ -237,9 +256,13 @@ def save_checkpoint(root: str | Path, iteration: int, model_chunks: list, optimi
                         _delete_checkpoint(iteration_dir(root, old))
         dist.barrier()
 
-    request = dist_checkpointing.save(state, str(tmp), sharded_strategy=strategy,
-                                      async_sharded_save=async_queue is not None,
-                                      content_metadata=CONTENT_METADATA)
+    request = dist_checkpointing.save(
+        state,
+        str(tmp),
+        sharded_strategy=strategy,
+        async_sharded_save=async_queue is not None,
+        content_metadata=CONTENT_METADATA,
+    )
     if async_queue is None:
         dist.barrier()
         finalize()
@@ -271,8 +294,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if (path / "metadata.json").exists() and not (path / TRACKER).exists():
         missing = [name for name in _REQUIRED_FILES if not (path / name).exists()]
         if missing:
-            raise CheckpointError(f"{path}: incomplete checkpoint (no {', '.join(missing)}): an interrupted save "
-                                  "or copy?")
+            raise CheckpointError(
+                f"{path}: incomplete checkpoint (no {', '.join(missing)}): an interrupted save or copy?"
+            )
         return path
     tracked = latest_iteration(path)
     if tracked is not None and is_complete(iteration_dir(path, tracked)):
@@ -283,14 +307,23 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if tracked is None:
             logger.warning("%s: no %s; loading the newest complete checkpoint, iteration %d", path, TRACKER, newest)
         else:
-            logger.warning("%s: %s names iteration %d, whose checkpoint is missing or incomplete; "
-                           "loading the newest complete one, iteration %d", path, TRACKER, tracked, newest)
+            logger.warning(
+                "%s: %s names iteration %d, whose checkpoint is missing or incomplete; "
+                "loading the newest complete one, iteration %d",
+                path,
+                TRACKER,
+                tracked,
+                newest,
+            )
         return iteration_dir(path, newest)
     if tracked is not None:
-        raise FileNotFoundError(f"{path}: {TRACKER} names iteration {tracked}, but neither "
-                                f"{iteration_dir(path, tracked).name} nor any other complete checkpoint exists")
-    raise FileNotFoundError(f"{path}: not a megatron-let checkpoint (no {TRACKER}, no iter_* directory "
-                            "and no metadata.json)")
+        raise FileNotFoundError(
+            f"{path}: {TRACKER} names iteration {tracked}, but neither "
+            f"{iteration_dir(path, tracked).name} nor any other complete checkpoint exists"
+        )
+    raise FileNotFoundError(
+        f"{path}: not a megatron-let checkpoint (no {TRACKER}, no iter_* directory and no metadata.json)"
+    )
 
 
 def has_checkpoint(path: str | Path) -> bool:
@@ -308,11 +341,15 @@ def _readable(directory: Path, action):
     except CheckpointError:
         raise
     except (Exception, TorchCheckpointException) as err:  # EOFError, UnpicklingError, megatron's / torch's own
+        cause: BaseException = err
         if isinstance(err, TorchCheckpointException) and err.failures:  # a BaseException wrapping each rank's
-            err = next(iter(err.failures.values()))[0]  # (exception, traceback): the first rank's own
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{directory}: cannot read this checkpoint ({type(err).__name__}: {detail[:300]}); "
-                              "a truncated or corrupt file?") from err
+            cause = next(iter(err.failures.values()))[0]  # (exception, traceback): the first rank's own
+        text = str(cause).strip()
+        detail = text.splitlines()[0] if text else type(cause).__name__
+        raise CheckpointError(
+            f"{directory}: cannot read this checkpoint ({type(cause).__name__}: {detail[:300]}); "
+            "a truncated or corrupt file?"
+        ) from err
 
 
 def read_common_state(path: str | Path) -> dict:
@@ -321,8 +358,7 @@ def read_common_state(path: str | Path) -> dict:
     return _readable(directory, lambda: dist_checkpointing.load_common_state_dict(str(directory)))
 
 
-def load_checkpoint(path: str | Path, model_chunks: list, optimizer, scheduler,
-                    load_optimizer: bool = True) -> dict:
+def load_checkpoint(path: str | Path, model_chunks: list, optimizer, scheduler, load_optimizer: bool = True) -> dict:
     """Collective. Loads model (and optimizer, scheduler, RNG) in place; returns the common
     state (iteration, consumed_samples, config)."""
     directory = resolve_checkpoint(path)
@@ -332,8 +368,9 @@ def load_checkpoint(path: str | Path, model_chunks: list, optimizer, scheduler,
         # Materialise Adam's moments so there is somewhere to load them into, laid out as saved.
         metadata = dist_checkpointing.load_content_metadata(str(directory)) or {}
         state = _model_state(model_chunks)
-        state["optimizer"] = optimizer.sharded_state_dict(_model_state(model_chunks), is_loading=True,
-                                                          metadata=metadata)
+        state["optimizer"] = optimizer.sharded_state_dict(
+            _model_state(model_chunks), is_loading=True, metadata=metadata
+        )
     else:
         state = _model_state(model_chunks)
     # RNG states are per (PP, TP) rank and cannot be resharded: restore them on the same layout only.
@@ -368,7 +405,8 @@ def load_model_weights(path: str | Path, model: Optional[torch.nn.Module]) -> No
     request = {"model": model.sharded_state_dict()} if model is not None else {}  # type: ignore[operator]
     # A replicated teacher makes every TP rank claim replica 0 of each tensor: harmless for a
     # read, but megatron's save-side access check would reject it.
-    loaded = _readable(directory, lambda: dist_checkpointing.load(request, str(directory),
-                                                                  validate_access_integrity=False))
+    loaded = _readable(
+        directory, lambda: dist_checkpointing.load(request, str(directory), validate_access_integrity=False)
+    )
     if model is not None:
         model.load_state_dict(loaded["model"])

@@ -99,8 +99,9 @@ def slurm_job_alive(job: str) -> Optional[bool]:
     if result.returncode != 0:
         # "Invalid job id specified": the controller has forgotten the job, so it is not running.
         return False if "Invalid job id" in result.stderr else None
-    return any(state in ("RUNNING", "COMPLETING", "SUSPENDED", "CONFIGURING", "STOPPED")
-               for state in result.stdout.split())
+    return any(
+        state in ("RUNNING", "COMPLETING", "SUSPENDED", "CONFIGURING", "STOPPED") for state in result.stdout.split()
+    )
 
 
 # ------------------------------------------------------------------------------- the run lock
@@ -157,12 +158,14 @@ class RunLock:
             holder = self.holder()
             why = self._stale(holder)
             if why is None:
-                who = (f"Slurm job {holder.get('job_id')}" if holder.get("job_id")
-                       else f"process {holder.get('pid')}") + f" on {holder.get('host')}"
+                who = (
+                    f"Slurm job {holder.get('job_id')}" if holder.get("job_id") else f"process {holder.get('pid')}"
+                ) + f" on {holder.get('host')}"
                 raise LockHeld(
                     f"{self.path}: {who} is writing checkpoints to this directory. Two runs must not "
                     "share checkpoint.save; wait for it, cancel it, or delete the lock file if that run is "
-                    "gone.") from None
+                    "gone."
+                ) from None
             if not why.startswith("it is this job's own"):
                 logger.warning("%s: taking over a stale lock (%s)", self.path, why)
             tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")

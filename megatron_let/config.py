@@ -365,15 +365,15 @@ def model_config_from_dict(raw: dict, prefix: str, where=lambda key: "config") -
     return _build(ModelConfig, raw, prefix, where)
 
 
-def check_same_architecture(model: ModelConfig, saved: dict, source: str, where,
-                            prefix: str = "teacher.model") -> None:
+def check_same_architecture(model: ModelConfig, saved: dict, source: str, where, prefix: str = "teacher.model") -> None:
     """Every architecture field of ``model`` agrees with ``saved`` (a checkpoint's or Hugging Face
     model's), or a ConfigError names the first that does not."""
     for key, value in saved.items():
         given = getattr(model, key, value)
         if key not in NON_ARCHITECTURE_KEYS and given != value:
-            raise ConfigError(f"{where(prefix + '.' + key)}: {prefix}.{key}: {given!r} differs from "
-                              f"{value!r} in {source}")
+            raise ConfigError(
+                f"{where(prefix + '.' + key)}: {prefix}.{key}: {given!r} differs from {value!r} in {source}"
+            )
 
 
 # Fields that do not change what the weights compute (everything else must agree).
@@ -444,12 +444,16 @@ def validate(cfg: LETConfig, where=lambda key: "config") -> None:
 
     _validate_model("model", cfg.model, tp, bad)
     if cfg.model.num_layers % pp:
-        bad("parallel.pipeline_model_parallel_size",
-            f"{pp} stages cannot split model.num_layers={cfg.model.num_layers} evenly")
+        bad(
+            "parallel.pipeline_model_parallel_size",
+            f"{pp} stages cannot split model.num_layers={cfg.model.num_layers} evenly",
+        )
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size
     if vpp is not None and (pp < 2 or cfg.model.num_layers % (pp * vpp)):
-        bad("parallel.virtual_pipeline_model_parallel_size",
-            f"needs pipeline_model_parallel_size >= 2 and num_layers divisible by pp*vpp ({pp}*{vpp})")
+        bad(
+            "parallel.virtual_pipeline_model_parallel_size",
+            f"needs pipeline_model_parallel_size >= 2 and num_layers divisible by pp*vpp ({pp}*{vpp})",
+        )
     if cfg.parallel.overlap_param_gather and not cfg.parallel.use_distributed_optimizer:
         bad("parallel.overlap_param_gather", "needs parallel.use_distributed_optimizer")
     if cfg.parallel.ddp_bucket_size is not None and cfg.parallel.ddp_bucket_size < 1:
@@ -462,8 +466,10 @@ def validate(cfg: LETConfig, where=lambda key: "config") -> None:
     if cfg.parallel.sequence_parallel and tp == 1:
         bad("parallel.sequence_parallel", "needs tensor_model_parallel_size > 1")
     if cfg.training.seq_length > cfg.model.max_position_embeddings:
-        bad("training.seq_length",
-            f"{cfg.training.seq_length} exceeds model.max_position_embeddings={cfg.model.max_position_embeddings}")
+        bad(
+            "training.seq_length",
+            f"{cfg.training.seq_length} exceeds model.max_position_embeddings={cfg.model.max_position_embeddings}",
+        )
     if cfg.parallel.sequence_parallel and cfg.training.seq_length % tp:
         bad("training.seq_length", f"sequence parallel needs it divisible by tensor_model_parallel_size={tp}")
 
@@ -473,8 +479,10 @@ def validate(cfg: LETConfig, where=lambda key: "config") -> None:
             bad("alignment.strategy", f"{align.strategy!r} is not one of {', '.join(LAYER_STRATEGIES)}")
     # A named strategy chooses the layers itself (resolve_layers), whatever target_layer says.
     if cfg.teacher is not None and align.strategy is None and not 1 <= align.target_layer <= cfg.model.num_layers:
-        bad("alignment.target_layer",
-            f"layer {align.target_layer} does not exist: the target has model.num_layers={cfg.model.num_layers}")
+        bad(
+            "alignment.target_layer",
+            f"layer {align.target_layer} does not exist: the target has model.num_layers={cfg.model.num_layers}",
+        )
     if align.lambda0 < 0:
         bad("alignment.lambda0", "must be >= 0")
     if align.stop_step < 1:
@@ -484,20 +492,28 @@ def validate(cfg: LETConfig, where=lambda key: "config") -> None:
         teacher = teacher_model
         _validate_model("teacher.model", teacher, None, bad)
         if teacher.vocab_size != cfg.model.vocab_size:
-            bad("teacher.model.vocab_size",
+            bad(
+                "teacher.model.vocab_size",
                 f"{teacher.vocab_size} differs from model.vocab_size={cfg.model.vocab_size}: teacher and "
-                "target must share a tokenizer")
+                "target must share a tokenizer",
+            )
         if align.teacher_layer is not None and not 1 <= align.teacher_layer <= teacher.num_layers:
-            bad("alignment.teacher_layer",
-                f"layer {align.teacher_layer} does not exist: the teacher has {teacher.num_layers} layers")
+            bad(
+                "alignment.teacher_layer",
+                f"layer {align.teacher_layer} does not exist: the teacher has {teacher.num_layers} layers",
+            )
         if cfg.training.seq_length > teacher.max_position_embeddings:
-            bad("teacher.model.max_position_embeddings",
-                f"{teacher.max_position_embeddings} is shorter than training.seq_length={cfg.training.seq_length}")
+            bad(
+                "teacher.model.max_position_embeddings",
+                f"{teacher.max_position_embeddings} is shorter than training.seq_length={cfg.training.seq_length}",
+            )
 
     dp_unit = cfg.training.micro_batch_size
     if cfg.training.global_batch_size % dp_unit:
-        bad("training.global_batch_size",
-            f"{cfg.training.global_batch_size} is not a multiple of micro_batch_size={dp_unit}")
+        bad(
+            "training.global_batch_size",
+            f"{cfg.training.global_batch_size} is not a multiple of micro_batch_size={dp_unit}",
+        )
     per_split = cfg.data.train_data_path or cfg.data.valid_data_path or cfg.data.test_data_path
     if cfg.data.data_path and per_split:
         bad("data.data_path", "give either data_path (split by data.split) or train/valid/test_data_path, not both")
@@ -517,8 +533,11 @@ def _validate_recompute(par: ParallelConfig, layers_per_chunk: int, bad) -> None
         if method is None:
             bad("parallel.recompute_method", "recompute_granularity: full needs uniform or block")
         if count is None or not 1 <= count <= layers_per_chunk:
-            bad("parallel.recompute_num_layers", f"recompute_granularity: full needs 1..{layers_per_chunk} "
-                f"(the layers of one pipeline stage or virtual chunk), got {count}")
+            bad(
+                "parallel.recompute_num_layers",
+                f"recompute_granularity: full needs 1..{layers_per_chunk} "
+                f"(the layers of one pipeline stage or virtual chunk), got {count}",
+            )
     elif method is not None or count is not None:
         key = "parallel.recompute_method" if method is not None else "parallel.recompute_num_layers"
         bad(key, "only applies with recompute_granularity: full")
@@ -536,20 +555,26 @@ def _validate_model(prefix: str, model: ModelConfig, tp: Optional[int], bad) -> 
             bad(f"{prefix}.{name}", f"must be >= 1, got {getattr(model, name)}")
     heads, groups = model.num_attention_heads, model.num_query_groups or model.num_attention_heads
     if model.kv_channels is None and model.hidden_size % heads:
-        bad(f"{prefix}.num_attention_heads",
-            f"{heads} heads do not divide hidden_size={model.hidden_size} (or set kv_channels)")
+        bad(
+            f"{prefix}.num_attention_heads",
+            f"{heads} heads do not divide hidden_size={model.hidden_size} (or set kv_channels)",
+        )
     if heads % groups:
         bad(f"{prefix}.num_query_groups", f"{groups} groups do not divide num_attention_heads={heads}")
     if tp is not None and (heads % tp or groups % tp):
-        bad(f"{prefix}.num_attention_heads",
-            f"tensor_model_parallel_size={tp} cannot split {heads} heads / {groups} query groups")
+        bad(
+            f"{prefix}.num_attention_heads",
+            f"tensor_model_parallel_size={tp} cannot split {heads} heads / {groups} query groups",
+        )
     ffn = model.ffn_hidden_size or 4 * model.hidden_size
     if model.ffn_hidden_size is not None and model.ffn_hidden_size < 1:
         bad(f"{prefix}.ffn_hidden_size", f"must be >= 1, got {model.ffn_hidden_size}")
     if tp is not None and ffn % tp:
-        bad(f"{prefix}.ffn_hidden_size",
+        bad(
+            f"{prefix}.ffn_hidden_size",
             f"{ffn} is not divisible by tensor_model_parallel_size={tp} (megatron splits the FFN across "
-            f"TP ranks; e.g. {ffn - ffn % tp + tp})")
+            f"TP ranks; e.g. {ffn - ffn % tp + tp})",
+        )
     if model.position_embedding_type == "rope" and not 0 < model.rotary_percent <= 1:
         bad(f"{prefix}.rotary_percent", "must be in (0, 1]")
 

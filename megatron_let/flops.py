@@ -44,9 +44,15 @@ def teacher_flops_per_token(teacher: ModelConfig, seq_length: int, layers: int |
     return fraction * (2.0 * backbone + attention_forward_flops(teacher, seq_length))
 
 
-def megatron_lm_flops_per_token(model: ModelConfig, seq_length: int, tensor_parallel: int = 1, *,
-                                forward_only: bool = False, layers: int | None = None,
-                                logits: bool = True) -> float:
+def megatron_lm_flops_per_token(
+    model: ModelConfig,
+    seq_length: int,
+    tensor_parallel: int = 1,
+    *,
+    forward_only: bool = False,
+    layers: int | None = None,
+    logits: bool = True,
+) -> float:
     """Megatron-LM's ``num_floating_point_operations`` per token (its training.py): 12·L·h²·[(1 +
     G/H + s/h)·(H·d_head/h) + (F/h)·(3/2 if SwiGLU)] + 6·h·V_padded — 3 GEMM passes (forward,
     data and weight gradients) × 2 GEMMs per block × 2 FLOPs per multiply-add. Forward only (a

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-
 from megatron.core import parallel_state
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -82,8 +81,13 @@ class AlignmentMetrics:
 class AlignmentHook:
     """Forward hook on the target's layer k. Only the stage that owns layer k creates one."""
 
-    def __init__(self, layer: torch.nn.Module, loss: str = "cosine", logsum_exponent: float = 4.0,
-                 sequence_parallel: bool = False):
+    def __init__(
+        self,
+        layer: torch.nn.Module,
+        loss: str = "cosine",
+        logsum_exponent: float = 4.0,
+        sequence_parallel: bool = False,
+    ):
         self.layer = layer
         self.loss = loss
         self.logsum_exponent = logsum_exponent
@@ -93,8 +97,9 @@ class AlignmentHook:
         self.metrics = AlignmentMetrics()
         self._handle = layer.register_forward_hook(self._hook)
 
-    def prepare(self, teacher_hidden: torch.Tensor, loss_mask: Optional[torch.Tensor], weight: float,
-                scale: torch.Tensor) -> None:
+    def prepare(
+        self, teacher_hidden: torch.Tensor, loss_mask: Optional[torch.Tensor], weight: float, scale: torch.Tensor
+    ) -> None:
         """Arm the hook for the next forward of layer k.
 
         teacher_hidden: [s, b, d_T] full sequence; loss_mask: [b, s] (1 = counted) or None;
@@ -109,7 +114,7 @@ class AlignmentHook:
         rank = parallel_state.get_tensor_model_parallel_rank()
         size = parallel_state.get_tensor_model_parallel_world_size()
         chunk = tensor.shape[0] // size
-        return tensor[rank * chunk:(rank + 1) * chunk]
+        return tensor[rank * chunk : (rank + 1) * chunk]
 
     def _hook(self, module, inputs, output):
         if not torch.is_grad_enabled():
@@ -150,8 +155,9 @@ class AlignmentHook:
         # A custom Function returning its input gives a view of it; at the end of a pipeline stage
         # (or virtual chunk) that view becomes the stage output, which megatron frees after sending
         # (deallocate_pipeline_outputs) and so must not be a view.
-        hidden = make_viewless_tensor(AlignmentLossScaler.apply(hidden, aux, scale), requires_grad=True,
-                                      keep_graph=True)
+        hidden = make_viewless_tensor(
+            AlignmentLossScaler.apply(hidden, aux, scale), requires_grad=True, keep_graph=True
+        )
         if isinstance(output, tuple):
             return (hidden,) + tuple(output[1:])
         return hidden
@@ -159,9 +165,11 @@ class AlignmentHook:
     def take_metrics(self) -> AlignmentMetrics:
         """This step's sums (call after the step's backward passes)."""
         if self._awaiting_recompute:
-            raise RuntimeError(f"{len(self._awaiting_recompute)} microbatch(es) ran layer "
-                               f"{self.layer.layer_number} without a graph and were never recomputed: "
-                               "their alignment loss was not applied")
+            raise RuntimeError(
+                f"{len(self._awaiting_recompute)} microbatch(es) ran layer "
+                f"{self.layer.layer_number} without a graph and were never recomputed: "
+                "their alignment loss was not applied"
+            )
         metrics, self.metrics = self.metrics, AlignmentMetrics()
         return metrics
 
@@ -188,4 +196,3 @@ def main_loss_scale(config: TransformerConfig, num_microbatches: int, device) ->
     one = torch.ones(1, device=device)
     scale = config.grad_scale_func(one) if config.grad_scale_func is not None else one
     return scale / num_microbatches
-

@@ -80,15 +80,16 @@ def _draw(key: str, rows: int, columns: int, init_method: Callable) -> torch.Ten
 
 
 @torch.no_grad()
-def _init_vocab_shard(weight: torch.Tensor, key: str, vocab_size: int, padded_vocab_size: int,
-                      start: int, init_method: Callable) -> None:
+def _init_vocab_shard(
+    weight: torch.Tensor, key: str, vocab_size: int, padded_vocab_size: int, start: int, init_method: Callable
+) -> None:
     """``weight`` holds rows [start, start + len) of a [padded_vocab_size, h] tensor split along the
     vocabulary (megatron's VocabParallelEmbedding / output ColumnParallelLinear)."""
     rows, hidden = weight.shape
     real = _draw(key, vocab_size, hidden, init_method)
     if padded_vocab_size > vocab_size:
         real = torch.cat([real, _draw(f"{key}/padding", padded_vocab_size - vocab_size, hidden, init_method)])
-    weight.data.copy_(real[start:start + rows].to(dtype=weight.dtype))
+    weight.data.copy_(real[start : start + rows].to(dtype=weight.dtype))
 
 
 @torch.no_grad()
@@ -104,8 +105,9 @@ def init_embedding_and_output(gpt, vocab_size: int) -> None:
     word_key = "embedding.word_embeddings.weight"
     if embedding is not None:
         words = embedding.word_embeddings
-        _init_vocab_shard(words.weight, word_key, vocab_size, padded, words.vocab_start_index,
-                          config.embedding_init_method)
+        _init_vocab_shard(
+            words.weight, word_key, vocab_size, padded, words.vocab_start_index, config.embedding_init_method
+        )
         positions = getattr(embedding, "position_embeddings", None)
         if positions is not None:
             rows, columns = positions.weight.shape

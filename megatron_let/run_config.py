@@ -7,8 +7,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from megatron_let.config import (ConfigError, LETConfig, ModelConfig, TeacherConfig, check_same_architecture,
-                                 load_config, model_config_from_dict, validate)
+from megatron_let.config import (
+    ConfigError,
+    LETConfig,
+    ModelConfig,
+    TeacherConfig,
+    check_same_architecture,
+    load_config,
+    model_config_from_dict,
+    validate,
+)
 
 
 def load_run_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> LETConfig:
@@ -47,10 +55,13 @@ def hf_model_config(teacher: TeacherConfig, where) -> ModelConfig:
     from megatron_let.resources import resolve_model_path
 
     try:
-        from megatron_let.convert import ConversionError, hf_model_config as read_hf_config
+        from megatron_let.convert import ConversionError
+        from megatron_let.convert import hf_model_config as read_hf_config
     except ImportError as err:
-        raise ConfigError(f"{where('teacher.hf_path')}: teacher.hf_path needs the Hugging Face extra "
-                          f"(pip install 'megatron-let[hf]'): {err}") from None
+        raise ConfigError(
+            f"{where('teacher.hf_path')}: teacher.hf_path needs the Hugging Face extra "
+            f"(pip install 'megatron-let[hf]'): {err}"
+        ) from None
     try:
         return read_hf_config(resolve_model_path(teacher.hf_path), teacher.gguf_file)
     except (ConversionError, OSError, RuntimeError) as err:

@@ -60,8 +60,10 @@ def check_data(cfg: LETConfig) -> list[str]:
             raise SubmitError(f"{key}: {prefix}.idx is not a megatron indexed dataset: {err}") from None
         dtype = dataset.index.dtype
         if cfg.model.vocab_size > _max_token_count(dtype):
-            raise SubmitError(f"{key}: {prefix} stores tokens as {dtype.__name__}, which cannot hold "
-                              f"model.vocab_size={cfg.model.vocab_size} ids: was it tokenized with another tokenizer?")
+            raise SubmitError(
+                f"{key}: {prefix} stores tokens as {dtype.__name__}, which cannot hold "
+                f"model.vocab_size={cfg.model.vocab_size} ids: was it tokenized with another tokenizer?"
+            )
         notes.append(f"{key}: {prefix} ({len(dataset)} documents, {dtype.__name__} tokens)")
     return notes
 
@@ -83,26 +85,36 @@ def check_checkpoint_directory(cfg: LETConfig) -> list[str]:
     lock = RunLock(ck.save)
     holder = lock.holder()
     if holder and holder.get("job_id") and slurm_job_alive(holder["job_id"]):
-        raise SubmitError(f"checkpoint.save: {ck.save} is being written by Slurm job {holder['job_id']} "
-                          f"({Path(ck.save) / LOCK_NAME}); two runs must not share a checkpoint directory")
+        raise SubmitError(
+            f"checkpoint.save: {ck.save} is being written by Slurm job {holder['job_id']} "
+            f"({Path(ck.save) / LOCK_NAME}); two runs must not share a checkpoint directory"
+        )
     return notes
 
 
 def check_layout(cfg: LETConfig, tasks: int) -> None:
     model_parallel = cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
     if tasks % model_parallel:
-        raise SubmitError(f"{tasks} tasks cannot hold tensor_model_parallel_size × pipeline_model_parallel_size "
-                          f"= {model_parallel}: choose --nodes/--ntasks-per-node so that it divides")
+        raise SubmitError(
+            f"{tasks} tasks cannot hold tensor_model_parallel_size × pipeline_model_parallel_size "
+            f"= {model_parallel}: choose --nodes/--ntasks-per-node so that it divides"
+        )
     dp = tasks // model_parallel
     unit = cfg.training.micro_batch_size * dp
     if cfg.training.global_batch_size % unit:
-        raise SubmitError(f"training.global_batch_size={cfg.training.global_batch_size} is not divisible by "
-                          f"micro_batch_size × data-parallel size = {cfg.training.micro_batch_size} × {dp}")
+        raise SubmitError(
+            f"training.global_batch_size={cfg.training.global_batch_size} is not divisible by "
+            f"micro_batch_size × data-parallel size = {cfg.training.micro_batch_size} × {dp}"
+        )
 
 
 def sbatch_command(args: argparse.Namespace, config: Path) -> list[str]:
-    command = ["sbatch", f"--nodes={args.nodes}", f"--output={args.log_dir}/%x-%j.out",
-               f"--export=ALL,MEGATRON_LET_LOG_DIR={args.log_dir}"]
+    command = [
+        "sbatch",
+        f"--nodes={args.nodes}",
+        f"--output={args.log_dir}/%x-%j.out",
+        f"--export=ALL,MEGATRON_LET_LOG_DIR={args.log_dir}",
+    ]
     if args.ntasks_per_node is not None:
         command.append(f"--ntasks-per-node={args.ntasks_per_node}")
     if args.gpus_per_node is not None:
@@ -123,8 +135,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="the training YAML")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--ntasks-per-node", type=int, default=None,
-                        help="tasks (GPUs) per node; default: the script's (8)")
+    parser.add_argument(
+        "--ntasks-per-node", type=int, default=None, help="tasks (GPUs) per node; default: the script's (8)"
+    )
     parser.add_argument("--gpus-per-node", type=int, default=None)
     parser.add_argument("--time", default=None, help="time limit, e.g. 24:00:00")
     parser.add_argument("--partition", default=None)

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-
 from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
 
@@ -45,14 +44,23 @@ def teacher_layout(cfg: TeacherConfig, tp: int) -> TeacherLayout:
 class Teacher:
     """Runs the frozen teacher and returns the hidden states LET aligns to."""
 
-    def __init__(self, cfg: TeacherConfig, *, teacher_layer: Optional[int], on_cpu: bool, use_te: bool,
-                 seed: int = 0, kernels: Kernels = Kernels()):
+    def __init__(
+        self,
+        cfg: TeacherConfig,
+        *,
+        teacher_layer: Optional[int],
+        on_cpu: bool,
+        use_te: bool,
+        seed: int = 0,
+        kernels: Optional[Kernels] = None,
+    ):
         self.cfg = cfg
         self.teacher_layer = teacher_layer  # None: final hidden state, after the final norm
         tp = parallel_state.get_tensor_model_parallel_world_size()
         self.layout = teacher_layout(cfg, tp)
         if self.layout.replicated_reason:
             logger.warning("teacher replicated on each of the %d TP ranks: %s", tp, self.layout.replicated_reason)
+        kernels = kernels or Kernels()
         precision = cfg.precision
         if precision == "auto":
             precision = "fp32" if on_cpu else "bf16"
@@ -73,9 +81,11 @@ class Teacher:
             params_dtype=self.dtype,
             on_cpu=on_cpu,
             # Forward only: the activation / RoPE fusions apply, the gradient ones do not.
-            kernels=Kernels(bias_activation_fusion=kernels.bias_activation_fusion and cfg.model.activation == "swiglu",
-                            bias_dropout_fusion=kernels.bias_dropout_fusion,
-                            apply_rope_fusion=kernels.apply_rope_fusion and cfg.model.position_embedding_type == "rope"),
+            kernels=Kernels(
+                bias_activation_fusion=kernels.bias_activation_fusion and cfg.model.activation == "swiglu",
+                bias_dropout_fusion=kernels.bias_dropout_fusion,
+                apply_rope_fusion=kernels.apply_rope_fusion and cfg.model.position_embedding_type == "rope",
+            ),
         )
         if cfg.load is None:
             logger.warning("teacher.load is not set: the teacher has random weights (useful for tests only)")
@@ -83,7 +93,10 @@ class Teacher:
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if not on_cpu else []):
             torch.manual_seed(seed)
             self.model = build_gpt(
-                cfg.model, config, use_te=use_te, tensor_parallel=self.layout.tensor_parallel,
+                cfg.model,
+                config,
+                use_te=use_te,
+                tensor_parallel=self.layout.tensor_parallel,
                 pg_collection=pgs,
             )
         if not on_cpu:
@@ -96,8 +109,9 @@ class Teacher:
         return self.cfg.model.hidden_size
 
     @torch.no_grad()
-    def hidden_states(self, tokens: torch.Tensor, position_ids: torch.Tensor,
-                      attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def hidden_states(
+        self, tokens: torch.Tensor, position_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]
+    ) -> torch.Tensor:
         """[s, b, d_T] hidden states for tokens [b, s]: the final one (after the final norm, where
         Hugging Face's ``hidden_states[-1]`` is) or that of ``teacher_layer``. The output head is
         never run: LET needs no teacher logits."""

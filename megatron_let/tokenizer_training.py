@@ -30,8 +30,16 @@ import sys
 import time
 from typing import Iterator, Optional, Sequence
 
-from megatron_let.preprocess import (PreprocessError, expand_inputs, make_output_dir, name_files, parse_record,
-                                     refuse_existing, remove_stale_temps, temp_path)
+from megatron_let.preprocess import (
+    PreprocessError,
+    expand_inputs,
+    make_output_dir,
+    name_files,
+    parse_record,
+    refuse_existing,
+    remove_stale_temps,
+    temp_path,
+)
 
 MODEL_TYPES = ("bpe", "unigram")
 UNK_ID, BOS_ID = 0, 1
@@ -76,11 +84,23 @@ def _train(files: Sequence[str], json_key: str, stats: dict, **options) -> bytes
 
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=_paragraphs(files, json_key, stats), model_writer=model,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, user_defined_symbols=["\n"],
-        byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True, unk_id=UNK_ID, bos_id=BOS_ID,
-        pad_id=-1, input_sentence_size=0, shuffle_input_sentence=False, max_sentence_length=MAX_SENTENCE_BYTES,
-        minloglevel=2, **options)
+        sentence_iterator=_paragraphs(files, json_key, stats),
+        model_writer=model,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        user_defined_symbols=["\n"],
+        byte_fallback=True,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        pad_id=-1,
+        input_sentence_size=0,
+        shuffle_input_sentence=False,
+        max_sentence_length=MAX_SENTENCE_BYTES,
+        minloglevel=2,
+        **options,
+    )
     return model.getvalue()
 
 
@@ -98,8 +118,9 @@ def _largest_vocab(files: Sequence[str], json_key: str, options: dict) -> Option
     return sentencepiece.SentencePieceProcessor(model_proto=model).get_piece_size()
 
 
-def _training_failed(err: RuntimeError, files: Sequence[str], json_key: str, stats: dict,
-                     options: dict) -> TokenizerTrainingError:
+def _training_failed(
+    err: RuntimeError, files: Sequence[str], json_key: str, stats: dict, options: dict
+) -> TokenizerTrainingError:
     """SentencePiece's assertion text → what is wrong with the input or the flags."""
     if stats.get("error") is not None:  # raised while reading the input
         return stats["error"]
@@ -119,24 +140,36 @@ def _training_failed(err: RuntimeError, files: Sequence[str], json_key: str, sta
         return TokenizerTrainingError(
             f"--vocab-size {vocab_size}: too small for {where}: its characters, the 256 byte pieces and the "
             f"special tokens need at least {required.group(2)} pieces (at --character-coverage "
-            f"{options['character_coverage']:g}); use --vocab-size {required.group(2)} or more")
+            f"{options['character_coverage']:g}); use --vocab-size {required.group(2)} or more"
+        )
     largest = _largest_vocab(files, json_key, options)
     if largest is not None and largest < MIN_VOCAB_SIZE:
         return TokenizerTrainingError(
             f"{where}: too little text: its {stats['bytes']:,} bytes allow at most {largest} pieces "
             f"({options['model_type']}), fewer than the {MIN_VOCAB_SIZE} this tokenizer needs (--vocab-size "
-            f"{vocab_size}); give more text")
+            f"{vocab_size}); give more text"
+        )
     if largest is not None and largest < vocab_size:
         return TokenizerTrainingError(
             f"--vocab-size {vocab_size}: too large for {where}: its {stats['bytes']:,} bytes of text allow at "
-            f"most {largest} pieces ({options['model_type']}); use --vocab-size {largest} or less, or more text")
-    return TokenizerTrainingError(f"{where}: SentencePiece training failed (--vocab-size {vocab_size}, "
-                                  f"--model-type {options['model_type']}): {message}")
+            f"most {largest} pieces ({options['model_type']}); use --vocab-size {largest} or less, or more text"
+        )
+    return TokenizerTrainingError(
+        f"{where}: SentencePiece training failed (--vocab-size {vocab_size}, "
+        f"--model-type {options['model_type']}): {message}"
+    )
 
 
-def train_sentencepiece(inputs: Sequence[str] | str, output_prefix: str, vocab_size: int = 4096,
-                        model_type: str = "bpe", json_key: str = "text", threads: int = 1,
-                        character_coverage: float = 1.0, overwrite: bool = True) -> dict:
+def train_sentencepiece(
+    inputs: Sequence[str] | str,
+    output_prefix: str,
+    vocab_size: int = 4096,
+    model_type: str = "bpe",
+    json_key: str = "text",
+    threads: int = 1,
+    character_coverage: float = 1.0,
+    overwrite: bool = True,
+) -> dict:
     """Writes ``<output_prefix>.model`` and ``.vocab`` (atomically); returns a summary with the
     EOD id (``eod_id``). With ``overwrite`` false (the command line's default), existing files
     stop it before training."""
@@ -145,13 +178,14 @@ def train_sentencepiece(inputs: Sequence[str] | str, output_prefix: str, vocab_s
     if model_type not in MODEL_TYPES:
         raise TokenizerTrainingError(f"--model-type {model_type!r} is not one of {', '.join(MODEL_TYPES)}")
     if vocab_size < MIN_VOCAB_SIZE:
-        raise TokenizerTrainingError(f"--vocab-size {vocab_size}: too small (256 byte-fallback pieces, the "
-                                     "special tokens and the characters need at least ~300)")
+        raise TokenizerTrainingError(
+            f"--vocab-size {vocab_size}: too small (256 byte-fallback pieces, the "
+            "special tokens and the characters need at least ~300)"
+        )
     if threads < 1:
         raise TokenizerTrainingError(f"--threads: must be >= 1, got {threads}")
     if not 0.98 <= character_coverage <= 1:  # what SentencePiece accepts
-        raise TokenizerTrainingError(f"--character-coverage {character_coverage:g}: expected a fraction in "
-                                     "[0.98, 1]")
+        raise TokenizerTrainingError(f"--character-coverage {character_coverage:g}: expected a fraction in [0.98, 1]")
     targets = [output_prefix + ".model", output_prefix + ".vocab"]
     try:
         files = expand_inputs([inputs] if isinstance(inputs, str) else inputs)
@@ -161,8 +195,12 @@ def train_sentencepiece(inputs: Sequence[str] | str, output_prefix: str, vocab_s
     except PreprocessError as err:
         raise TokenizerTrainingError(str(err)) from None
     stats = {"lines": 0, "documents": 0, "paragraphs": 0, "bytes": 0}
-    options = {"model_type": model_type, "vocab_size": vocab_size, "character_coverage": character_coverage,
-               "num_threads": threads}
+    options = {
+        "model_type": model_type,
+        "vocab_size": vocab_size,
+        "character_coverage": character_coverage,
+        "num_threads": threads,
+    }
     start = time.perf_counter()
     try:
         model = _train(files, json_key, stats, eos_id=vocab_size - 1, **options)
@@ -193,8 +231,9 @@ def train_sentencepiece(inputs: Sequence[str] | str, output_prefix: str, vocab_s
     except PreprocessError as err:
         raise TokenizerTrainingError(str(err)) from None
     except OSError as err:
-        raise TokenizerTrainingError(f"--output-prefix {output_prefix}: cannot write {err.filename or output_prefix}: "
-                                     f"{err.strerror or err}") from None
+        raise TokenizerTrainingError(
+            f"--output-prefix {output_prefix}: cannot write {err.filename or output_prefix}: {err.strerror or err}"
+        ) from None
     finally:
         for temp in temps.values():
             if os.path.exists(temp):
@@ -216,29 +255,46 @@ def train_sentencepiece(inputs: Sequence[str] | str, output_prefix: str, vocab_s
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="train_tokenizer",
-        description="Train a SentencePiece tokenizer on JSONL documents (EOD/EOS id = vocab_size - 1).")
+        description="Train a SentencePiece tokenizer on JSONL documents (EOD/EOS id = vocab_size - 1).",
+    )
     parser.add_argument("--input", nargs="+", required=True, metavar="PATH", help="JSONL file(s) or globs")
     parser.add_argument("--json-key", default="text", help="the key holding each document's text")
     parser.add_argument("--output-prefix", required=True, help="writes <prefix>.model and <prefix>.vocab")
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--model-type", choices=MODEL_TYPES, default="bpe")
     parser.add_argument("--character-coverage", type=float, default=1.0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="trainer threads (recorded in the .model: keep it fixed for identical files)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing <prefix>.model/.vocab (without it, they stop the run at once)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="trainer threads (recorded in the .model: keep it fixed for identical files)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing <prefix>.model/.vocab (without it, they stop the run at once)",
+    )
     args = parser.parse_args(argv)
     try:
-        summary = train_sentencepiece(args.input, args.output_prefix, args.vocab_size, args.model_type,
-                                      args.json_key, args.threads, args.character_coverage,
-                                      overwrite=args.overwrite)
+        summary = train_sentencepiece(
+            args.input,
+            args.output_prefix,
+            args.vocab_size,
+            args.model_type,
+            args.json_key,
+            args.threads,
+            args.character_coverage,
+            overwrite=args.overwrite,
+        )
     except TokenizerTrainingError as err:
         print(f"train_tokenizer: error: {err}", file=sys.stderr)
         return 1
-    print(f"wrote {summary['model']} and {summary['vocab']}: {summary['model_type']}, vocab {summary['vocab_size']}, "
-          f"EOD {summary['eod_piece']} = id {summary['eod_id']} (use with preprocess --append-eod; "
-          f"data.eod_token_id), trained on {summary['documents']:,} documents / {summary['paragraphs']:,} "
-          f"paragraphs / {summary['bytes']:,} bytes in {summary['seconds']:.1f} s")
+    print(
+        f"wrote {summary['model']} and {summary['vocab']}: {summary['model_type']}, vocab {summary['vocab_size']}, "
+        f"EOD {summary['eod_piece']} = id {summary['eod_id']} (use with preprocess --append-eod; "
+        f"data.eod_token_id), trained on {summary['documents']:,} documents / {summary['paragraphs']:,} "
+        f"paragraphs / {summary['bytes']:,} bytes in {summary['seconds']:.1f} s"
+    )
     return 0
 
 

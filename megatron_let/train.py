@@ -30,7 +30,6 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-
 from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -44,19 +43,39 @@ from megatron.core.transformer.module import Float16Module
 from megatron_let import checkpoint, cluster, parallel
 from megatron_let.alignment import alignment_weight
 from megatron_let.config import LETConfig, check_same_architecture, resolve_layers, to_dict
-from megatron_let.run_config import load_run_config
 from megatron_let.data import build_datasets, make_iterator
-from megatron_let.flops import (FlopsCounter, megatron_lm_flops_per_token, teacher_flops_per_token,
-                                training_flops_per_token)
+from megatron_let.flops import (
+    FlopsCounter,
+    megatron_lm_flops_per_token,
+    teacher_flops_per_token,
+    training_flops_per_token,
+)
 from megatron_let.hook import AlignmentHook, find_layer, layer_owner, main_loss_scale
-from megatron_let.model import (build_gpt, recompute_options, select_kernels, transformer_config,
-                                use_transformer_engine, unwrap)
+from megatron_let.model import (
+    build_gpt,
+    recompute_options,
+    select_kernels,
+    transformer_config,
+    use_transformer_engine,
+)
+from megatron_let.run_config import load_run_config
 from megatron_let.teacher import Teacher
 
 logger = logging.getLogger("megatron_let")
 
-_LAUNCHER_VARIABLES = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
-                       "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT"}
+_LAUNCHER_VARIABLES = {
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_WORLD_SIZE",
+    "ROLE_NAME",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+}
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -224,7 +243,10 @@ class Trainer:
         chunks = []
         for vp_stage in range(vpp) if vpp else [None]:
             chunk = build_gpt(
-                cfg.model, config, use_te=self.use_te, tensor_parallel=par.tensor_model_parallel_size,
+                cfg.model,
+                config,
+                use_te=self.use_te,
+                tensor_parallel=par.tensor_model_parallel_size,
                 pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
                 post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
                 vp_stage=vp_stage,
@@ -238,7 +260,8 @@ class Trainer:
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=on_gpu if par.overlap_grad_reduce is None else par.overlap_grad_reduce,
-            overlap_param_gather=(on_gpu and par.use_distributed_optimizer) if par.overlap_param_gather is None
+            overlap_param_gather=(on_gpu and par.use_distributed_optimizer)
+            if par.overlap_param_gather is None
             else par.overlap_param_gather,
             use_distributed_optimizer=par.use_distributed_optimizer,
             check_for_nan_in_grad=par.check_for_nan_in_loss_and_grad,
@@ -253,6 +276,7 @@ class Trainer:
     def _wire_gradient_sync(self) -> None:
         """Hand megatron's schedule the DDP hooks, as Megatron-LM does: no_sync during all but the
         last microbatch, and with overlap the per-chunk grad / param sync starters."""
+
         def per_chunk(functions):
             return functions[0] if len(functions) == 1 else functions
 
@@ -335,8 +359,13 @@ class Trainer:
             raise checkpoint.CheckpointError(f"checkpoint.load: {err}") from None
         # The same model, or refuse: a different vocabulary (say) may even fit the padded shapes.
         saved = (checkpoint.read_common_state(directory).get("config") or {}).get("model") or {}
-        check_same_architecture(self.cfg.model, saved, f"the checkpoint {directory} (checkpoint.load)",
-                                getattr(self.cfg, "where", lambda key: "config"), prefix="model")
+        check_same_architecture(
+            self.cfg.model,
+            saved,
+            f"the checkpoint {directory} (checkpoint.load)",
+            getattr(self.cfg, "where", lambda key: "config"),
+            prefix="model",
+        )
         try:
             common = checkpoint.load_checkpoint(directory, self.model, self.optimizer, self.scheduler)
         except checkpoint.CheckpointError as err:
@@ -364,15 +393,27 @@ class Trainer:
         if dist.get_rank() == 0 and not checkpoint.has_checkpoint(teacher.load):
             from megatron_let.resources import resolve_model_path
 
-            command = [sys.executable, "-m", "megatron_let.convert", "import",
-                       "--hf-path", str(resolve_model_path(teacher.hf_path)), "--output", teacher.load,
-                       "--tensor-model-parallel-size", str(tp)]
+            command = [
+                sys.executable,
+                "-m",
+                "megatron_let.convert",
+                "import",
+                "--hf-path",
+                str(resolve_model_path(teacher.hf_path)),
+                "--output",
+                teacher.load,
+                "--tensor-model-parallel-size",
+                str(tp),
+            ]
             if teacher.gguf_file:
                 command += ["--gguf-file", teacher.gguf_file]
             self._print(f"converting the teacher {teacher.hf_path} into {teacher.load}")
             # A world of its own: none of torchrun's / Slurm's rendezvous variables.
-            env = {key: value for key, value in os.environ.items()
-                   if not key.startswith(("TORCHELASTIC_", "SLURM_")) and key not in _LAUNCHER_VARIABLES}
+            env = {
+                key: value
+                for key, value in os.environ.items()
+                if not key.startswith(("TORCHELASTIC_", "SLURM_")) and key not in _LAUNCHER_VARIABLES
+            }
             result = subprocess.run(command, env=env, capture_output=True, text=True)
             if result.returncode != 0:
                 raise RuntimeError(f"teacher.hf_path: converting {teacher.hf_path} failed:\n{result.stderr[-3000:]}")
@@ -384,15 +425,23 @@ class Trainer:
         owner_pp, owner_vp = layer_owner(self.config, self.target_layer)
         owns = parallel_state.get_pipeline_model_parallel_rank() == owner_pp
         if owns:
-            self.teacher = Teacher(self.cfg.teacher, teacher_layer=self.teacher_layer,
-                                   on_cpu=self.on_cpu, use_te=self.use_te, seed=self.cfg.training.seed + 1,
-                                   kernels=self.kernels)
+            self.teacher = Teacher(
+                self.cfg.teacher,
+                teacher_layer=self.teacher_layer,
+                on_cpu=self.on_cpu,
+                use_te=self.use_te,
+                seed=self.cfg.training.seed + 1,
+                kernels=self.kernels,
+            )
             layer = find_layer(self.model, self.target_layer)
             assert layer is not None, f"layer {self.target_layer} should be on pipeline rank {owner_pp}"
             self.hook_chunk = self.model[owner_vp or 0]
-            self.hook = AlignmentHook(layer, loss=self.cfg.alignment.loss,
-                                      logsum_exponent=self.cfg.alignment.logsum_exponent,
-                                      sequence_parallel=self.cfg.parallel.sequence_parallel)
+            self.hook = AlignmentHook(
+                layer,
+                loss=self.cfg.alignment.loss,
+                logsum_exponent=self.cfg.alignment.logsum_exponent,
+                sequence_parallel=self.cfg.parallel.sequence_parallel,
+            )
         if self.cfg.teacher.load:
             checkpoint.load_model_weights(self.cfg.teacher.load, self.teacher.model if owns else None)
         self.owner_stage = (owner_pp, owner_vp)
@@ -406,20 +455,25 @@ class Trainer:
         if not self.on_cpu:
             torch.cuda.reset_peak_memory_stats()  # from here on the peak is the baseline's
         # Iteration i (1-based, as in the log) runs at step s = i - 1 of Eq. 5.
-        self._print(f"iteration {self.iteration + 1}: λ = 0 from here on (S_stop="
-                    f"{self.cfg.alignment.stop_step}); teacher released")
+        self._print(
+            f"iteration {self.iteration + 1}: λ = 0 from here on (S_stop="
+            f"{self.cfg.alignment.stop_step}); teacher released"
+        )
 
     def _flops_counter(self) -> FlopsCounter:
         """Compute spent so far (target training + teacher forwards until S_stop), restored on resume."""
         cfg, seq = self.cfg, self.cfg.training.seq_length
         tp = cfg.parallel.tensor_model_parallel_size
-        counter = FlopsCounter(training_flops_per_token(cfg.model, seq),
-                               target_throughput_per_token=megatron_lm_flops_per_token(cfg.model, seq, tp))
+        counter = FlopsCounter(
+            training_flops_per_token(cfg.model, seq),
+            target_throughput_per_token=megatron_lm_flops_per_token(cfg.model, seq, tp),
+        )
         teacher_steps = 0
         if cfg.alignment_active:
             counter.teacher_per_token = teacher_flops_per_token(cfg.teacher.model, seq, self.teacher_layer)
             counter.teacher_throughput_per_token = megatron_lm_flops_per_token(
-                cfg.teacher.model, seq, forward_only=True, layers=self.teacher_layer, logits=False)
+                cfg.teacher.model, seq, forward_only=True, layers=self.teacher_layer, logits=False
+            )
             teacher_steps = min(self.iteration, cfg.alignment.stop_step)
         tokens = cfg.training.global_batch_size * seq
         counter.total = tokens * (self.iteration * counter.target_per_token + teacher_steps * counter.teacher_per_token)
@@ -436,11 +490,18 @@ class Trainer:
         if dataset is None:
             return None
         workers = self.cfg.data.num_workers
-        make = partial(make_iterator, dataset, consumed, self.cfg.training.micro_batch_size,
-                       self.dp_rank, self.dp_size, self.device,
-                       num_workers=(0 if self.on_cpu else 2) if workers is None else workers,
-                       tp_group=parallel_state.get_tensor_model_parallel_group(),
-                       vocab_size=self.cfg.model.vocab_size)
+        make = partial(
+            make_iterator,
+            dataset,
+            consumed,
+            self.cfg.training.micro_batch_size,
+            self.dp_rank,
+            self.dp_size,
+            self.device,
+            num_workers=(0 if self.on_cpu else 2) if workers is None else workers,
+            tp_group=parallel_state.get_tensor_model_parallel_group(),
+            vocab_size=self.cfg.model.vocab_size,
+        )
         # Interleaved schedules pull from one iterator per model chunk, in lockstep.
         return [make() for _ in self.model] if len(self.model) > 1 else make()
 
@@ -473,8 +534,11 @@ class Trainer:
         """One optimizer step. Its metrics stay on the device (``_read_metrics`` reads a whole log
         interval's at once: no host synchronisation of ours per step or microbatch)."""
         cfg = self.cfg
-        weight = (alignment_weight(self.iteration, cfg.alignment.lambda0, cfg.alignment.stop_step)
-                  if cfg.alignment_active else 0.0)
+        weight = (
+            alignment_weight(self.iteration, cfg.alignment.lambda0, cfg.alignment.stop_step)
+            if cfg.alignment_active
+            else 0.0
+        )
         if self.teacher_present and weight == 0.0:
             self._release_teacher()
 
@@ -522,8 +586,10 @@ class Trainer:
                 torch.cuda.set_sync_debug_mode("default")
         sites = sorted({f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)})
         step["host_syncs"] = len(sites)
-        self._print(f"iteration {step['iteration']} under CUDA sync debug mode: {len(sites)} call sites "
-                    "synchronise with the device" + "".join(f"\n  {site}" for site in sites))
+        self._print(
+            f"iteration {step['iteration']} under CUDA sync debug mode: {len(sites)} call sites "
+            "synchronise with the device" + "".join(f"\n  {site}" for site in sites)
+        )
         return step
 
     def _local_metric_sums(self, lm_outputs: list, align) -> torch.Tensor:
@@ -551,8 +617,11 @@ class Trainer:
         sums = sums.cpu()
         memory: Optional[list] = None
         if not self.on_cpu:
-            peaks = torch.tensor([torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()],
-                                 dtype=torch.float64, device=self.device)
+            peaks = torch.tensor(
+                [torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()],
+                dtype=torch.float64,
+                device=self.device,
+            )
             dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
             memory = (peaks / 2**30).tolist()
             torch.cuda.reset_peak_memory_stats()
@@ -597,19 +666,25 @@ class Trainer:
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # read once, at the end
         for _ in range(self.cfg.eval.eval_iters):
             outputs = get_forward_backward_func()(
-                forward_step_func=self._forward_step, data_iterator=data, model=self.model,
-                num_microbatches=self.num_microbatches, seq_length=self.cfg.training.seq_length,
-                micro_batch_size=self.cfg.training.micro_batch_size, forward_only=True,
+                forward_step_func=self._forward_step,
+                data_iterator=data,
+                model=self.model,
+                num_microbatches=self.num_microbatches,
+                seq_length=self.cfg.training.seq_length,
+                micro_batch_size=self.cfg.training.micro_batch_size,
+                forward_only=True,
             )
-            if outputs and parallel_state.is_pipeline_last_stage(ignore_virtual=True) \
-                    and parallel_state.get_tensor_model_parallel_rank() == 0:
+            if (
+                outputs
+                and parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+                and parallel_state.get_tensor_model_parallel_rank() == 0
+            ):
                 totals += torch.stack([item["lm loss"] for item in outputs]).to(torch.float64).sum(0)
         for chunk in self.model:
             chunk.train()
         dist.all_reduce(totals)
         loss = float(totals[0] / totals[1])
-        return {"iteration": self.iteration, "split": split, "lm_loss": loss,
-                "perplexity": math.exp(min(loss, 700.0))}
+        return {"iteration": self.iteration, "split": split, "lm_loss": loss, "perplexity": math.exp(min(loss, 700.0))}
 
     # ----------------------------------------------------------------------------- the loop
 
@@ -636,20 +711,24 @@ class Trainer:
             if self._should_exit():
                 self._log_interval(interval)
                 self.save()
-                return self._stop("interrupted", f"{self.exit_signal or 'signal'} received: "
-                                  f"saved at iteration {self.iteration}, exiting")
+                return self._stop(
+                    "interrupted",
+                    f"{self.exit_signal or 'signal'} received: saved at iteration {self.iteration}, exiting",
+                )
             if last:
                 break
             if cfg.training.exit_interval and self.iteration % cfg.training.exit_interval == 0:
                 self._log_interval(interval)
                 self.save()
-                return self._stop("exit_interval", f"exit interval reached: saved at iteration {self.iteration}, "
-                                  "exiting")
+                return self._stop(
+                    "exit_interval", f"exit interval reached: saved at iteration {self.iteration}, exiting"
+                )
             if self._duration_exceeded():
                 self._log_interval(interval)
                 self.save()
-                return self._stop("interrupted", f"exit_duration_in_mins reached: saved at iteration "
-                                  f"{self.iteration}, exiting")
+                return self._stop(
+                    "interrupted", f"exit_duration_in_mins reached: saved at iteration {self.iteration}, exiting"
+                )
             if cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0:
                 self.save()
         if cfg.eval.eval_interval and self.iteration % cfg.eval.eval_interval != 0:
@@ -684,9 +763,16 @@ class Trainer:
         with self._params_synced(), self._outside_step_time():
             self._finalize_saves(blocking=True)  # at most one background save in flight
             path = checkpoint.save_checkpoint(
-                ck.save, self.iteration, self.model, self.optimizer, self.scheduler,
-                self.consumed_samples, to_dict(self.cfg), keep_last=ck.keep_last,
-                fully_parallel=ck.fully_parallel_save, async_queue=self.async_saves,
+                ck.save,
+                self.iteration,
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                self.consumed_samples,
+                to_dict(self.cfg),
+                keep_last=ck.keep_last,
+                fully_parallel=ck.fully_parallel_save,
+                async_queue=self.async_saves,
             )
         self._saved_iteration = self.iteration
         if self.async_saves is None:
@@ -709,8 +795,13 @@ class Trainer:
         self._print(message)
         path = os.environ.get("MEGATRON_LET_EXIT_STATE")
         if path and dist.get_rank() == 0:
-            state = {"status": status, "iteration": self.iteration, "train_iters": self.cfg.training.train_iters,
-                     "signal": self.exit_signal, "checkpoint": self.cfg.checkpoint.save}
+            state = {
+                "status": status,
+                "iteration": self.iteration,
+                "train_iters": self.cfg.training.train_iters,
+                "signal": self.exit_signal,
+                "checkpoint": self.cfg.checkpoint.save,
+            }
             tmp = Path(path).with_name(Path(path).name + ".tmp")
             tmp.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_text(json.dumps(state) + "\n")
@@ -770,30 +861,43 @@ class Trainer:
     def _log_eval(self, record: Optional[dict]) -> None:
         if record is None:
             return
-        self.metrics.log(record, f" {record['split']} | iteration {record['iteration']} | "
-                                 f"lm loss {record['lm_loss']:.4f} | perplexity {record['perplexity']:.2f}")
+        self.metrics.log(
+            record,
+            f" {record['split']} | iteration {record['iteration']} | "
+            f"lm loss {record['lm_loss']:.4f} | perplexity {record['perplexity']:.2f}",
+        )
 
     def _format(self, record: dict, window: list[dict]) -> str:
-        mean = lambda key: sum(r[key] for r in window if r[key] is not None) / max(  # noqa: E731
-            1, sum(1 for r in window if r[key] is not None))
+        def mean(key: str) -> float:
+            values = [r[key] for r in window if r[key] is not None]
+            return sum(values) / max(1, len(values))
+
         parts = [
             f" iteration {record['iteration']:>6}/{self.cfg.training.train_iters}",
             f"lm loss {mean('lm_loss'):.4f}",
         ]
         if record["lambda"] > 0 or record["alignment_loss"] is not None:
-            parts += [f"alignment loss {record['alignment_loss']:.4f}" if record["alignment_loss"] is not None
-                      else "alignment loss -",
-                      f"cos sim {record['cosine_similarity']:.4f}" if record["cosine_similarity"] is not None
-                      else "cos sim -",
-                      f"λ {record['lambda']:.4g}"]
-        parts += [f"lr {record['lr']:.3e}", f"grad norm {record['grad_norm']:.3f}"
-                  if record["grad_norm"] is not None else "grad norm -",
-                  f"elapsed time per iteration (ms) {1000 * record['step_time_s']:.1f}",
-                  f"tokens/s {mean('tokens_per_s'):.0f}",
-                  f"TFLOP/s/{'rank' if self.on_cpu else 'GPU'} {mean('tflops_per_gpu'):.3g}"]
+            parts += [
+                f"alignment loss {record['alignment_loss']:.4f}"
+                if record["alignment_loss"] is not None
+                else "alignment loss -",
+                f"cos sim {record['cosine_similarity']:.4f}"
+                if record["cosine_similarity"] is not None
+                else "cos sim -",
+                f"λ {record['lambda']:.4g}",
+            ]
+        parts += [
+            f"lr {record['lr']:.3e}",
+            f"grad norm {record['grad_norm']:.3f}" if record["grad_norm"] is not None else "grad norm -",
+            f"elapsed time per iteration (ms) {1000 * record['step_time_s']:.1f}",
+            f"tokens/s {mean('tokens_per_s'):.0f}",
+            f"TFLOP/s/{'rank' if self.on_cpu else 'GPU'} {mean('tflops_per_gpu'):.3g}",
+        ]
         if "peak_memory_allocated_gib" in record:
-            parts.append(f"peak mem allocated/reserved {record['peak_memory_allocated_gib']:.2f}/"
-                         f"{record['peak_memory_reserved_gib']:.2f} GiB")
+            parts.append(
+                f"peak mem allocated/reserved {record['peak_memory_allocated_gib']:.2f}/"
+                f"{record['peak_memory_reserved_gib']:.2f} GiB"
+            )
         return " | ".join(parts)
 
     def _log_setup(self) -> None:
@@ -811,8 +915,11 @@ class Trainer:
         ]
         if cfg.alignment_active:
             owner = self.owner_stage
-            where = (f"pipeline stage {owner[0]}" + (f" chunk {owner[1]}" if owner[1] is not None else "")
-                     if owner else "released")
+            where = (
+                f"pipeline stage {owner[0]}" + (f" chunk {owner[1]}" if owner[1] is not None else "")
+                if owner
+                else "released"
+            )
             lines.append(
                 f"LET: target layer {self.target_layer} ({where}) ← teacher "
                 f"{'final hidden state' if self.teacher_layer is None else f'layer {self.teacher_layer}'} "
@@ -841,8 +948,13 @@ def run(cfg: LETConfig) -> int:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="megatron-let train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML config file")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set training.train_iters=100 (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set training.train_iters=100 (repeatable)",
+    )
     return parser.parse_args(argv)
 
 

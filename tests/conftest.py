@@ -22,14 +22,15 @@ def free_port() -> int:
 
 def torchrun(nproc: int, script: str, *args: str, timeout: int = 600, env=None) -> subprocess.CompletedProcess:
     """Launch ``script`` (a path or ``-m module``) under torchrun on the CPU; raise with its output on failure."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           f"--master-port={free_port()}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}"]
     cmd += ["-m", script[3:]] if script.startswith("-m ") else [script]
     cmd += list(args)
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
     if result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
+        )
     return result
 
 
@@ -53,11 +54,27 @@ def tiny_config(data_prefix: Path, **sections) -> dict:
     """A tiny LET run on the CPU: 4-layer target (width 64, GQA), 2-layer teacher of width 48."""
     cfg = {
         "device": "cpu",
-        "model": {"num_layers": 4, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2,
-                  "ffn_hidden_size": 128, "vocab_size": VOCAB, "max_position_embeddings": 64},
-        "teacher": {"model": {"num_layers": 2, "hidden_size": 48, "num_attention_heads": 2,
-                              "ffn_hidden_size": 96, "vocab_size": VOCAB, "max_position_embeddings": 64,
-                              "normalization": "LayerNorm", "activation": "gelu"}},
+        "model": {
+            "num_layers": 4,
+            "hidden_size": 64,
+            "num_attention_heads": 4,
+            "num_query_groups": 2,
+            "ffn_hidden_size": 128,
+            "vocab_size": VOCAB,
+            "max_position_embeddings": 64,
+        },
+        "teacher": {
+            "model": {
+                "num_layers": 2,
+                "hidden_size": 48,
+                "num_attention_heads": 2,
+                "ffn_hidden_size": 96,
+                "vocab_size": VOCAB,
+                "max_position_embeddings": 64,
+                "normalization": "LayerNorm",
+                "activation": "gelu",
+            }
+        },
         "alignment": {"target_layer": 3, "lambda0": 0.1, "stop_step": 100},
         "training": {"micro_batch_size": 2, "global_batch_size": 8, "seq_length": 32, "train_iters": 4},
         "optimizer": {"lr": 1e-3},

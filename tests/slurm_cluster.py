@@ -24,10 +24,21 @@ import pytest
 CLUSTER_SH = Path(__file__).resolve().parent / "slurm" / "cluster.sh"
 
 # Job states after which a job (or one of its runs) no longer changes by itself.
-FINAL_STATES = frozenset({
-    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
-    "DEADLINE", "OUT_OF_MEMORY", "SPECIAL_EXIT", "REVOKED",
-})
+FINAL_STATES = frozenset(
+    {
+        "COMPLETED",
+        "FAILED",
+        "CANCELLED",
+        "TIMEOUT",
+        "NODE_FAIL",
+        "PREEMPTED",
+        "BOOT_FAIL",
+        "DEADLINE",
+        "OUT_OF_MEMORY",
+        "SPECIAL_EXIT",
+        "REVOKED",
+    }
+)
 
 _KEY = re.compile(r"(?:^|\s)([A-Za-z][\w:/]*)=")  # keys like JobState, AllocNode:Sid, CPUs/Task
 
@@ -38,7 +49,7 @@ def parse_key_values(line: str) -> dict[str, str]:
     out = {}
     for i, m in enumerate(keys):
         end = keys[i + 1].start() if i + 1 < len(keys) else len(line)
-        out[m.group(1)] = line[m.end():end].strip()
+        out[m.group(1)] = line[m.end() : end].strip()
     return out
 
 
@@ -52,13 +63,16 @@ class SlurmCluster:
     def start(self, state_dir) -> "SlurmCluster":
         """Start (or reuse) the cluster in ``state_dir``; pytest.skip with cluster.sh's reason if it can't."""
         self.state_dir = Path(state_dir).resolve()
-        result = subprocess.run(["bash", str(CLUSTER_SH), "start", str(self.state_dir)],
-                                capture_output=True, text=True, timeout=900)
+        result = subprocess.run(
+            ["bash", str(CLUSTER_SH), "start", str(self.state_dir)], capture_output=True, text=True, timeout=900
+        )
         if result.returncode != 0:
             output = (result.stderr + result.stdout).strip()
             said = [line for line in output.splitlines() if line.startswith("cluster.sh:")]
-            reason = f"Slurm test cluster unavailable (cluster.sh rc={result.returncode}): " \
-                     f"{said[-1] if said else output[-500:]} [logs under {self.state_dir}]"
+            reason = (
+                f"Slurm test cluster unavailable (cluster.sh rc={result.returncode}): "
+                f"{said[-1] if said else output[-500:]} [logs under {self.state_dir}]"
+            )
             self.stop()  # whatever did start (munged, slurmctld)
             if os.environ.get("LET_REQUIRE_SLURM"):
                 pytest.fail(f"{reason}\n{output[-4000:]}")
@@ -68,8 +82,9 @@ class SlurmCluster:
     def stop(self) -> None:
         """Cancel leftover jobs and stop the daemons."""
         if self.state_dir is not None:
-            subprocess.run(["bash", str(CLUSTER_SH), "stop", str(self.state_dir)],
-                           capture_output=True, text=True, timeout=120)
+            subprocess.run(
+                ["bash", str(CLUSTER_SH), "stop", str(self.state_dir)], capture_output=True, text=True, timeout=120
+            )
 
     # -- paths and environment ---------------------------------------------------------------------
     @property
@@ -133,8 +148,10 @@ class SlurmCluster:
             if state in states:
                 return state
             if time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still {state} after {timeout}s (waited for {sorted(states)}): "
-                                   f"{self.job_info(job_id)}")
+                raise TimeoutError(
+                    f"job {job_id} still {state} after {timeout}s (waited for {sorted(states)}): "
+                    f"{self.job_info(job_id)}"
+                )
             time.sleep(poll)
 
     def jobcomp_records(self, job_id=None) -> list[dict[str, str]]:
@@ -148,8 +165,10 @@ class SlurmCluster:
         """{'states': JobState of each finished run as jobcomp logged it (a requeued run shows as
         PENDING), 'restarts': scontrol's Restarts= (None once the job is purged)}."""
         info = self.job_info(job_id)
-        return {"states": [r.get("JobState") for r in self.jobcomp_records(job_id)],
-                "restarts": int(info["Restarts"]) if info and "Restarts" in info else None}
+        return {
+            "states": [r.get("JobState") for r in self.jobcomp_records(job_id)],
+            "restarts": int(info["Restarts"]) if info and "Restarts" in info else None,
+        }
 
     def requeue(self, job_id, release: bool = True) -> None:
         """``scontrol requeue``. A requeued job is held for cred_expire+1 s (11 s here) before it may

@@ -79,8 +79,9 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_the_import_graph_has_no_circles():
     graph = import_graph()
     circles = cycles(graph)
-    detail = "\n".join(" ↔ ".join(c) + "\n    " + "; ".join(f"{m} → {sorted(graph[m] & set(c))}" for m in c)
-                       for c in circles)
+    detail = "\n".join(
+        " ↔ ".join(c) + "\n    " + "; ".join(f"{m} → {sorted(graph[m] & set(c))}" for m in c) for c in circles
+    )
     assert not circles, f"import circles:\n{detail}"
 
 

@@ -11,15 +11,21 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO, VOCAB, tiny_config, torchrun, write_config, write_token_dataset
+from conftest import REPO, VOCAB, tiny_config, torchrun, write_config
 
 
 def train_cli(config: Path, *sets: str) -> subprocess.CompletedProcess:
     args = [sys.executable, "-m", "megatron_let.cli", "train", "--config", str(config)]
     for item in sets:
         args += ["--set", item]
-    return subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=300,
-                          env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    return subprocess.run(
+        args,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +158,7 @@ def test_bad_input_is_named_without_a_traceback(tmp_path, token_data, saved_run,
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     # Nothing written or rewritten: no checkpoint, no metrics, no temp files.
     after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
-    new_or_changed = sorted(str(p.relative_to(tmp_path)) for p in after
-                            if before.get(p) != after[p] and p.name != "run.yaml")
+    new_or_changed = sorted(
+        str(p.relative_to(tmp_path)) for p in after if before.get(p) != after[p] and p.name != "run.yaml"
+    )
     assert not new_or_changed, new_or_changed

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, tiny_config, write_config
 from megatron_let import benchmark
 from megatron_let.benchmark import BenchmarkError, analyse, extrapolate, run_order, split_phases
+
+from conftest import REPO, tiny_config, write_config
 
 # ------------------------------------------------------------------------------ synthetic records
 
@@ -28,8 +29,15 @@ def synthetic_run(let: bool, repeat: int, memory: bool = True) -> list[dict]:
         flop = 10.0 + (2.0 if let and lam > 0 else 0.0)  # TFLOP per GPU per step
         if let and lam > 0:
             time_ += 0.1 + 0.001 * i
-        record = {"iteration": i, "lambda": lam, "step_time_s": time_, "tokens_per_s": TOKENS / time_,
-                  "tflops_per_gpu": flop / time_, "lm_loss": 5.0, "alignment_loss": -0.1 if lam > 0 else None}
+        record = {
+            "iteration": i,
+            "lambda": lam,
+            "step_time_s": time_,
+            "tokens_per_s": TOKENS / time_,
+            "tflops_per_gpu": flop / time_,
+            "lm_loss": 5.0,
+            "alignment_loss": -0.1 if lam > 0 else None,
+        }
         if memory:
             record["peak_memory_allocated_gib"] = 20.0 + i * 0.01 + (3.0 if let and lam > 0 else 0.0)
             record["peak_memory_reserved_gib"] = 24.0 + (3.5 if let and lam > 0 else 0.0)
@@ -67,12 +75,15 @@ def test_phase_statistics_against_an_independent_reference():
             for key in ("peak_memory_allocated_gib", "peak_memory_reserved_gib"):
                 assert got[key] == max(pooled(runs, its, key))
             assert got["per_repeat_median_step_time_s"] == pytest.approx(
-                [statistics.median(r["step_time_s"] for r in run if r["iteration"] in its) for run in runs])
+                [statistics.median(r["step_time_s"] for r in run if r["iteration"] in its) for run in runs]
+            )
             medians[phase, variant] = statistics.median(pooled(runs, its, "step_time_s"))
         ratios = result[phase]["ratios"]
         assert ratios["throughput"] == pytest.approx(medians[phase, "baseline"] / medians[phase, "let"])
-        for key, name in (("peak_memory_allocated_gib", "peak_memory_allocated"),
-                          ("peak_memory_reserved_gib", "peak_memory_reserved")):
+        for key, name in (
+            ("peak_memory_allocated_gib", "peak_memory_allocated"),
+            ("peak_memory_reserved_gib", "peak_memory_reserved"),
+        ):
             assert ratios[name] == pytest.approx(max(pooled(let_runs, its, key)) / max(pooled(base_runs, its, key)))
         tok = [statistics.median(pooled(runs, its, "tokens_per_s")) for runs in (let_runs, base_runs)]
         assert ratios["tokens_per_s"] == pytest.approx(tok[0] / tok[1])
@@ -112,15 +123,22 @@ def test_phase_split_rejects_a_run_that_never_aligns():
 
 def test_extrapolation_is_exact_for_linear_costs():
     def scaled(run, layers):  # step time and memory: fixed + per-layer parts
-        return [{**r, "step_time_s": r["step_time_s"] * (1 + layers),
-                 "tokens_per_s": r["tokens_per_s"] / (1 + layers),
-                 "peak_memory_allocated_gib": 2.0 * layers + (1.0 if r["lambda"] > 0 else 0.0),
-                 "peak_memory_reserved_gib": 3.0 * layers} for r in run]
+        return [
+            {
+                **r,
+                "step_time_s": r["step_time_s"] * (1 + layers),
+                "tokens_per_s": r["tokens_per_s"] / (1 + layers),
+                "peak_memory_allocated_gib": 2.0 * layers + (1.0 if r["lambda"] > 0 else 0.0),
+                "peak_memory_reserved_gib": 3.0 * layers,
+            }
+            for r in run
+        ]
 
     by_layers = {}
     for layers in (4, 8):
-        by_layers[layers] = analyse([scaled(synthetic_run(True, 0), layers)],
-                                    [scaled(synthetic_run(False, 0), layers)], WARMUP)
+        by_layers[layers] = analyse(
+            [scaled(synthetic_run(True, 0), layers)], [scaled(synthetic_run(False, 0), layers)], WARMUP
+        )
     extra = extrapolate(by_layers, 32)
     base4 = by_layers[4]["during"]["baseline"]["step_time_s"]["median"] / 5  # the unscaled median
     assert extra["during"]["baseline"]["step_time_s"]["median"] == pytest.approx(base4 * 33)
@@ -140,10 +158,30 @@ def test_reserved_keys_are_refused(capsys):
 
 def _benchmark(tmp_path: Path, *extra: str, iters: int = 12, stop: int = 5) -> subprocess.CompletedProcess:
     config = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path / "no-data"))
-    cmd = [sys.executable, str(REPO / "tools" / "benchmark.py"), "--config", str(config), "--mock-data",
-           "--nproc-per-node", "1", "--train-iters", str(iters), "--stop-step", str(stop), "--repeats", "1",
-           "--warmup", "1", "--output-dir", str(tmp_path / "runs"), "--json-out", str(tmp_path / "bench.json"),
-           "--run-timeout", "300", *extra]
+    cmd = [
+        sys.executable,
+        str(REPO / "tools" / "benchmark.py"),
+        "--config",
+        str(config),
+        "--mock-data",
+        "--nproc-per-node",
+        "1",
+        "--train-iters",
+        str(iters),
+        "--stop-step",
+        str(stop),
+        "--repeats",
+        "1",
+        "--warmup",
+        "1",
+        "--output-dir",
+        str(tmp_path / "runs"),
+        "--json-out",
+        str(tmp_path / "bench.json"),
+        "--run-timeout",
+        "300",
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
 
@@ -152,8 +190,12 @@ def test_benchmark_on_cpu(tmp_path):
     result = _benchmark(tmp_path, "--project-train-iters", "100", "--project-stop-step", "20")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     out = result.stdout
-    for title in ("during alignment — iterations 2–5", "after S_stop — iterations 7–12",
-                  "run-averaged — T = 12 iterations, S_stop = 5", "run-averaged, projected — T = 100"):
+    for title in (
+        "during alignment — iterations 2–5",
+        "after S_stop — iterations 7–12",
+        "run-averaged — T = 12 iterations, S_stop = 5",
+        "run-averaged, projected — T = 100",
+    ):
         assert title in out, out
     assert "throughput" in out and "peak memory allocated" in out
     assert "starting LET (repeat 1/1)" in out and "baseline (repeat 1/1): exit status 0" in out
@@ -180,10 +222,12 @@ def test_benchmark_on_cpu(tmp_path):
             got = phases[phase][variant]
             assert got["step_time_s"]["median"] == pytest.approx(median[phase, variant], rel=1e-12)
             assert got["tokens_per_s"]["median"] == pytest.approx(
-                statistics.median(records[variant][i]["tokens_per_s"] for i in its), rel=1e-12)
+                statistics.median(records[variant][i]["tokens_per_s"] for i in its), rel=1e-12
+            )
             assert got["peak_memory_allocated_gib"] is None  # CPU: no memory figures
         assert phases[phase]["ratios"]["throughput"] == pytest.approx(
-            median[phase, "baseline"] / median[phase, "let"], rel=1e-12)
+            median[phase, "baseline"] / median[phase, "let"], rel=1e-12
+        )
         assert f"throughput {phases[phase]['ratios']['throughput']:.3f}" in out
     for variant in ("let", "baseline"):
         averaged = (5 * median["during", variant] + 7 * median["after", variant]) / 12

@@ -98,9 +98,17 @@ def test_invalid_yaml_and_missing_file(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
-@pytest.mark.parametrize("strategy,target,teacher", [
-    ("L2E", 3, None), ("L2M", 2, None), ("L2L", 4, None), ("M2E", 3, 1), ("M2M", 2, 1), ("M2L", 4, 1),
-])
+@pytest.mark.parametrize(
+    "strategy,target,teacher",
+    [
+        ("L2E", 3, None),
+        ("L2M", 2, None),
+        ("L2L", 4, None),
+        ("M2E", 3, 1),
+        ("M2M", 2, 1),
+        ("M2L", 4, 1),
+    ],
+)
 def test_layer_strategies(tmp_path, strategy, target, teacher):
     cfg = load_config(write(tmp_path, BASE + f"  strategy: {strategy}\n"))
     assert resolve_layers(cfg) == (target, teacher)

@@ -54,8 +54,7 @@ def test_split_depends_on_the_document_only(small_corpus, tmp_path):
     big = read_all(tmp_path)
     # Reading only Shakespeare changes what comes before each document, not where it goes.
     only_shakespeare = tmp_path / "s"
-    corpus.build_corpus(only_shakespeare, max_docs=30, sources=("shakespeare",), valid_fraction=0.2,
-                        test_fraction=0.2)
+    corpus.build_corpus(only_shakespeare, max_docs=30, sources=("shakespeare",), valid_fraction=0.2, test_fraction=0.2)
     for directory in (small, only_shakespeare):
         for doc_id, (split, doc) in read_all(directory).items():
             assert big[doc_id][0] == split == corpus.split_of(doc_id, 0.2, 0.2)
@@ -79,8 +78,9 @@ def test_brown_is_the_tagged_corpus_without_tags(small_corpus):
 
 
 def test_shakespeare_is_the_gutenberg_text_in_bounded_documents(tmp_path):
-    corpus.build_corpus(tmp_path, sources=("shakespeare",), max_docs=40, valid_fraction=0.0, test_fraction=0.0,
-                        max_chars=8000)
+    corpus.build_corpus(
+        tmp_path, sources=("shakespeare",), max_docs=40, valid_fraction=0.0, test_fraction=0.0, max_chars=8000
+    )
     docs = read_split(tmp_path, "train")
     assert read_split(tmp_path, "valid") == [] and read_split(tmp_path, "test") == []
     plays: dict[str, list[str]] = {}

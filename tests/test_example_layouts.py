@@ -35,11 +35,19 @@ def cpu_twin(raw: dict) -> tuple[dict, int]:
     if model.get("vocab_size", 512) > 2**16:
         model["vocab_size"] = 32768
     if cfg.get("teacher") is not None:
-        cfg["teacher"] = {"model": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
-                                    "ffn_hidden_size": 128, "vocab_size": model["vocab_size"],
-                                    "max_position_embeddings": 128}}
-    cfg["training"] = dict(cfg.get("training", {}), train_iters=1, precision="fp32", micro_batch_size=1,
-                           global_batch_size=1, seq_length=64)
+        cfg["teacher"] = {
+            "model": {
+                "num_layers": 2,
+                "hidden_size": 64,
+                "num_attention_heads": 4,
+                "ffn_hidden_size": 128,
+                "vocab_size": model["vocab_size"],
+                "max_position_embeddings": 128,
+            }
+        }
+    cfg["training"] = dict(
+        cfg.get("training", {}), train_iters=1, precision="fp32", micro_batch_size=1, global_batch_size=1, seq_length=64
+    )
     cfg["data"] = {"mock_data": True}
     cfg["checkpoint"] = {}
     cfg["logging"] = {"log_interval": 1}
@@ -51,11 +59,11 @@ def cpu_twin(raw: dict) -> tuple[dict, int]:
 def test_example_builds_and_steps_at_its_layout(example: Path, tmp_path):
     raw = yaml.safe_load(example.read_text())
     cfg, processes = cpu_twin(raw)
-    result = torchrun(processes, "-m megatron_let.train", "--config", str(write_config(tmp_path / example.name, cfg)),
-                      timeout=900)
+    result = torchrun(
+        processes, "-m megatron_let.train", "--config", str(write_config(tmp_path / example.name, cfg)), timeout=900
+    )
     par = raw.get("parallel", {})
-    layout = (f"TP {par.get('tensor_model_parallel_size', 1)} × PP {par.get('pipeline_model_parallel_size', 1)}"
-              f" × DP 1")
+    layout = f"TP {par.get('tensor_model_parallel_size', 1)} × PP {par.get('pipeline_model_parallel_size', 1)} × DP 1"
     assert layout in result.stdout and "iteration      1/1" in result.stdout, result.stdout[-3000:]
 
 
@@ -65,6 +73,9 @@ def test_an_ffn_that_tp_cannot_split_is_named(tmp_path):
     raw = yaml.safe_load((REPO / "examples" / "let_7b_smollm2.yaml").read_text())
     raw["teacher"] = None
     raw["model"]["ffn_hidden_size"] = 5461
-    with pytest.raises(ConfigError, match=r"model\.ffn_hidden_size: 5461 is not divisible by "
-                                          r"tensor_model_parallel_size=2"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model\.ffn_hidden_size: 5461 is not divisible by "
+        r"tensor_model_parallel_size=2",
+    ):
         load_config(write_config(tmp_path / "bad.yaml", raw))

@@ -12,8 +12,17 @@ from conftest import REPO, torchrun
 
 def test_quickstart_smoke_produces_the_report(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}
-    command = [sys.executable, "-m", "megatron_let.cli", "quickstart", "--smoke", "--max-docs", "40",
-               "--work-dir", str(tmp_path / "qs")]
+    command = [
+        sys.executable,
+        "-m",
+        "megatron_let.cli",
+        "quickstart",
+        "--smoke",
+        "--max-docs",
+        "40",
+        "--work-dir",
+        str(tmp_path / "qs"),
+    ]
     first = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
     report = tmp_path / "qs" / "report"
@@ -33,10 +42,21 @@ def test_quickstart_smoke_produces_the_report(tmp_path):
 def test_real_smollm2_teacher_example_runs(tmp_path):
     """examples/let_smollm2_135m.yaml: SmolLM2-135M from its GGUF wheel, converted on first use."""
     pytest.importorskip("gguf")
-    out = torchrun(2, "-m megatron_let.train", "--config", "examples/let_smollm2_135m.yaml",
-                   "--set", "training.train_iters=3", "--set", "alignment.stop_step=2",
-                   "--set", "model.num_layers=4", "--set", f"checkpoint.save={tmp_path / 'ckpt'}",
-                   timeout=1200)
+    out = torchrun(
+        2,
+        "-m megatron_let.train",
+        "--config",
+        "examples/let_smollm2_135m.yaml",
+        "--set",
+        "training.train_iters=3",
+        "--set",
+        "alignment.stop_step=2",
+        "--set",
+        "model.num_layers=4",
+        "--set",
+        f"checkpoint.save={tmp_path / 'ckpt'}",
+        timeout=1200,
+    )
     assert "teacher final hidden state (30 layers × 576)" in out.stdout
     records = [json.loads(line) for line in (tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "split" not in r]

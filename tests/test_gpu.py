@@ -40,8 +40,10 @@ from conftest import tiny_config, torchrun, write_config
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(torch.cuda.device_count() < 1, reason="needs a CUDA GPU"),
-    pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is None,
-                       reason="needs Transformer Engine (pip install -e '.[gpu]')"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("transformer_engine") is None,
+        reason="needs Transformer Engine (pip install -e '.[gpu]')",
+    ),
 ]
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 
@@ -57,13 +59,26 @@ GRAD_RTOL = {"same_kernels": 2e-2, "direct": 2e-2, "tp": 5e-2}
 LOSS_RTOL = {"same_kernels": 1e-5, "direct": 1e-5, "tp": 1e-3}
 ALIGN_ATOL = {"same_kernels": 1e-6, "direct": 1e-6, "tp": 2e-4}
 
-TARGET = {"num_layers": 4, "hidden_size": 128, "num_attention_heads": 4, "num_query_groups": 2,
-          "ffn_hidden_size": 256, "max_position_embeddings": 64}
+TARGET = {
+    "num_layers": 4,
+    "hidden_size": 128,
+    "num_attention_heads": 4,
+    "num_query_groups": 2,
+    "ffn_hidden_size": 256,
+    "max_position_embeddings": 64,
+}
 # Heads of 48 and 32 channels (TE's fused attention wants multiples of 8); 2 teacher heads and an
 # FFN of 192 split over TP2, so the teacher is tensor-parallel there.
-TEACHER = {"num_layers": 2, "hidden_size": 96, "num_attention_heads": 2, "num_query_groups": None,
-           "ffn_hidden_size": 192, "max_position_embeddings": 64, "normalization": "RMSNorm",
-           "activation": "swiglu"}
+TEACHER = {
+    "num_layers": 2,
+    "hidden_size": 96,
+    "num_attention_heads": 2,
+    "num_query_groups": None,
+    "ffn_hidden_size": 192,
+    "max_position_embeddings": 64,
+    "normalization": "RMSNorm",
+    "activation": "swiglu",
+}
 # For the memory tests: a teacher whose BF16 weights (11.0 M parameters, 22 MB) stand out.
 BIG_TEACHER = dict(TEACHER, num_layers=4, hidden_size=512, num_attention_heads=8, ffn_hidden_size=1024)
 
@@ -105,8 +120,9 @@ def relative_differences(a: dict, b: dict, names=None) -> dict:
 
 def layers_up_to(grads: dict, k: int) -> list:
     """Parameters the alignment loss of layer k reaches: the embedding and layers 1..k."""
-    return [n for n in grads if n.startswith("embedding.")
-            or (n.startswith("decoder.layers.") and int(n.split(".")[2]) < k)]
+    return [
+        n for n in grads if n.startswith("embedding.") or (n.startswith("decoder.layers.") and int(n.split(".")[2]) < k)
+    ]
 
 
 def assert_close(ours: dict, ref: dict, kind: str, what: str) -> None:
@@ -129,15 +145,31 @@ class Runs:
         """The initial BF16 model, written by the trainer (every run below loads it, so the
         comparisons do not rest on layout-independent initialisation)."""
         if self.init is None:
-            launch(1, "-m megatron_let.train", "--config", str(self.base), "--set", "training.train_iters=0",
-                   "--set", f"checkpoint.save={self.root / 'init'}")
+            launch(
+                1,
+                "-m megatron_let.train",
+                "--config",
+                str(self.base),
+                "--set",
+                "training.train_iters=0",
+                "--set",
+                f"checkpoint.save={self.root / 'init'}",
+            )
             self.init = self.root / "init"
         return self.init
 
     def step(self, name: str, nproc: int, layer: int, overrides=()) -> dict:
         if name not in self.metrics:
-            args = ["--config", str(self.base), "--out", str(self.root / name),
-                    "--set", f"checkpoint.load={self.init_checkpoint()}", "--set", f"alignment.target_layer={layer}"]
+            args = [
+                "--config",
+                str(self.base),
+                "--out",
+                str(self.root / name),
+                "--set",
+                f"checkpoint.load={self.init_checkpoint()}",
+                "--set",
+                f"alignment.target_layer={layer}",
+            ]
             for item in overrides:
                 args += ["--set", item]
             launch(nproc, "tests/harness/gpu_one_step.py", *args)
@@ -150,8 +182,16 @@ class Runs:
         key = (tuple(names), direct_layer)
         if key not in self.read:
             out = self.root / f"grads{len(self.read)}.pt"
-            args = ["--config", str(self.base), "--out", str(out), "--set", f"checkpoint.load={self.init_checkpoint()}",
-                    "--set", "training.gradient_accumulation_fusion=false"]
+            args = [
+                "--config",
+                str(self.base),
+                "--out",
+                str(out),
+                "--set",
+                f"checkpoint.load={self.init_checkpoint()}",
+                "--set",
+                "training.gradient_accumulation_fusion=false",
+            ]
             if direct_layer is not None:
                 args += ["--set", f"alignment.target_layer={direct_layer}", "--direct"]
             launch(1, "tests/harness/gpu_grads.py", *args, *[str(self.root / n / "grads") for n in names])
@@ -210,7 +250,9 @@ def test_te_layers_and_fused_kernels(tmp_path, token_data):
 
     step = report["step"]
     assert step["finite"] and step["alignment_loss"] is not None and step["lambda"] == LAMBDA0
-    assert step["peak_memory_allocated_gib"] > 0 and step["peak_memory_reserved_gib"] >= step["peak_memory_allocated_gib"]
+    assert (
+        step["peak_memory_allocated_gib"] > 0 and step["peak_memory_reserved_gib"] >= step["peak_memory_allocated_gib"]
+    )
 
 
 def test_bf16_step_equals_direct_autograd(runs):
@@ -220,8 +262,10 @@ def test_bf16_step_equals_direct_autograd(runs):
     read = runs.gradients(["ref_k3"], direct_layer=3)
     ours, direct, without = read["ref_k3"], read["direct"], read["direct_no_alignment"]
     difference = max_relative_difference(ours, direct)
-    print(f"\nBF16 trainer vs direct autograd: max relative gradient difference {difference:.2e}; "
-          f"losses {metrics['lm_loss']!r} / {metrics['alignment_loss']!r} vs {read['direct_losses']}")
+    print(
+        f"\nBF16 trainer vs direct autograd: max relative gradient difference {difference:.2e}; "
+        f"losses {metrics['lm_loss']!r} / {metrics['alignment_loss']!r} vs {read['direct_losses']}"
+    )
 
     assert metrics["lambda"] == LAMBDA0 and metrics["params_dtype"] == "torch.bfloat16" and metrics["use_te"]
     assert_close(metrics, read["direct_losses"], "direct", "trainer vs direct")
@@ -231,8 +275,9 @@ def test_bf16_step_equals_direct_autograd(runs):
     # twice the widest gradient tolerance of this file, and leaves those after k alone.
     reach = layers_up_to(direct, 3)
     moved = relative_differences(direct, without, reach)
-    print(f"alignment share of the gradients of layers ≤ k: min {min(moved.values()):.2e}, "
-          f"max {max(moved.values()):.2e}")
+    print(
+        f"alignment share of the gradients of layers ≤ k: min {min(moved.values()):.2e}, max {max(moved.values()):.2e}"
+    )
     assert min(moved.values()) > 2 * max(GRAD_RTOL.values()), moved
     # (the same computation: exactly equal with deterministic kernels; 1e-3 allows for a reordered sum)
     untouched = [n for n in direct if n not in reach]
@@ -249,13 +294,18 @@ def test_teacher_release_frees_its_memory(tmp_path, token_data):
         r = report[case]
         weights = 2 * r["numel"]
         freed = r["before_release"] - r["after_release"]
-        print(f"\n{case}: {r['numel']} teacher parameters = {weights / 2**20:.1f} MiB in BF16; "
-              f"memory_allocated dropped by {freed / 2**20:.1f} MiB")
+        print(
+            f"\n{case}: {r['numel']} teacher parameters = {weights / 2**20:.1f} MiB in BF16; "
+            f"memory_allocated dropped by {freed / 2**20:.1f} MiB"
+        )
         assert r["dtypes"] == ["torch.bfloat16"] and r["devices"] == ["cuda"]
         assert r["numel"] > 10_000_000
         assert freed >= weights, r
         assert r["model_collected"], f"{case}: something still references the teacher's model"
-    assert report["standalone"]["before_release"] - report["standalone"]["before_build"] >= 2 * report["standalone"]["numel"]
+    assert (
+        report["standalone"]["before_release"] - report["standalone"]["before_build"]
+        >= 2 * report["standalone"]["numel"]
+    )
     assert not report["standalone"]["has_model_attribute"]
     trainer = report["trainer"]
     assert trainer["teacher_is_none"] and trainer["hook_is_none"]
@@ -274,10 +324,17 @@ def test_let_run_releases_teacher_and_memory_at_s_stop(tmp_path, token_data):
     from megatron_let.model import count_parameters
 
     train_iters, stop = 24, 12
-    path = write_config(tmp_path / "run.yaml", gpu_config(
-        token_data, teacher_model=BIG_TEACHER, training={"train_iters": train_iters},
-        alignment={"stop_step": stop}, optimizer={"clip_grad": 1.0},
-        logging={"log_interval": 1, "jsonl_path": str(tmp_path / "metrics.jsonl")}))
+    path = write_config(
+        tmp_path / "run.yaml",
+        gpu_config(
+            token_data,
+            teacher_model=BIG_TEACHER,
+            training={"train_iters": train_iters},
+            alignment={"stop_step": stop},
+            optimizer={"clip_grad": 1.0},
+            logging={"log_interval": 1, "jsonl_path": str(tmp_path / "metrics.jsonl")},
+        ),
+    )
     out = launch(1, "-m megatron_let.train", "--config", str(path))
     assert "Transformer Engine layers" in out.stdout
     assert out.stdout.count("teacher released") == 1
@@ -290,10 +347,12 @@ def test_let_run_releases_teacher_and_memory_at_s_stop(tmp_path, token_data):
         assert 0 < r["peak_memory_allocated_gib"] <= r["peak_memory_reserved_gib"], r
     # Iteration 1 includes start-up, iteration stop + 1 the release itself: both left out.
     during = [r["peak_memory_allocated_gib"] for r in records[1:stop]]
-    after = [r["peak_memory_allocated_gib"] for r in records[stop + 1:]]
+    after = [r["peak_memory_allocated_gib"] for r in records[stop + 1 :]]
     teacher_gib = 2 * count_parameters(ModelConfig(**{**BIG_TEACHER, "vocab_size": 512}))["total"] / 2**30
-    print(f"\npeak allocated during alignment {min(during):.4f}–{max(during):.4f} GiB, after S_stop "
-          f"{min(after):.4f}–{max(after):.4f} GiB; teacher weights {teacher_gib:.4f} GiB")
+    print(
+        f"\npeak allocated during alignment {min(during):.4f}–{max(during):.4f} GiB, after S_stop "
+        f"{min(after):.4f}–{max(after):.4f} GiB; teacher weights {teacher_gib:.4f} GiB"
+    )
     assert max(after) < min(during)
     # The teacher's weights are resident through every alignment step and gone after; the caching
     # allocator may round a few blocks differently, hence half.
@@ -304,8 +363,11 @@ def test_let_run_releases_teacher_and_memory_at_s_stop(tmp_path, token_data):
 
 # name: (processes, k, overrides, reference run, tolerance kind, expected teacher ranks)
 PP2 = ["parallel.pipeline_model_parallel_size=2"]
-RECOMPUTE = ["parallel.recompute_granularity=full", "parallel.recompute_method=uniform",
-             "parallel.recompute_num_layers=1"]
+RECOMPUTE = [
+    "parallel.recompute_granularity=full",
+    "parallel.recompute_method=uniform",
+    "parallel.recompute_num_layers=1",
+]
 LAYOUTS = {
     "tp2": (2, 3, ["parallel.tensor_model_parallel_size=2"], "ref_k3", "tp", [0, 1]),
     "pp2_k_on_stage1": (2, 3, PP2, "ref_k3", "same_kernels", [1]),
@@ -336,8 +398,10 @@ def check_layout(two_gpu_runs, name: str, spec: tuple) -> None:
     _, layer, _, reference, kind, teacher_ranks = spec
     ours, ref = metrics[name], metrics[reference]
     difference = max_relative_difference(grads[name], grads[reference])
-    print(f"\n{name} vs {reference}: lm loss {ours['lm_loss']!r} vs {ref['lm_loss']!r}, alignment loss "
-          f"{ours['alignment_loss']!r} vs {ref['alignment_loss']!r}, max relative gradient difference {difference:.2e}")
+    print(
+        f"\n{name} vs {reference}: lm loss {ours['lm_loss']!r} vs {ref['lm_loss']!r}, alignment loss "
+        f"{ours['alignment_loss']!r} vs {ref['alignment_loss']!r}, max relative gradient difference {difference:.2e}"
+    )
     assert ours["teacher_ranks"] == teacher_ranks
     assert ours["owner_stage"][0] == (teacher_ranks[0] if ours["pipeline_model_parallel_size"] > 1 else 0)
     assert ours["deallocate_pipeline_outputs"] is True
@@ -353,8 +417,7 @@ def test_bf16_layouts_match_single_gpu(two_gpu_runs, name):
     one-GPU step's losses and gradients."""
     metrics, _ = two_gpu_runs
     tp = 2 if name.startswith("tp2") else 1
-    assert (metrics[name]["tensor_model_parallel_size"], metrics[name]["pipeline_model_parallel_size"]) \
-        == (tp, 2 // tp)
+    assert (metrics[name]["tensor_model_parallel_size"], metrics[name]["pipeline_model_parallel_size"]) == (tp, 2 // tp)
     assert metrics[name]["recompute_granularity"] is None
     check_layout(two_gpu_runs, name, LAYOUTS[name])
 
@@ -366,7 +429,11 @@ def test_full_recompute_matches_no_recompute(two_gpu_runs, name):
     losses and gradients of the same layout without recompute."""
     metrics, _ = two_gpu_runs
     ours = metrics[name]
-    assert (ours["recompute_granularity"], ours["recompute_method"], ours["recompute_num_layers"]) == ("full", "uniform", 1)
+    assert (ours["recompute_granularity"], ours["recompute_method"], ours["recompute_num_layers"]) == (
+        "full",
+        "uniform",
+        1,
+    )
     assert ours["pipeline_model_parallel_size"] == 2
     assert metrics[RECOMPUTE_LAYOUTS[name][3]]["recompute_granularity"] is None
     check_layout(two_gpu_runs, name, RECOMPUTE_LAYOUTS[name])
@@ -385,14 +452,27 @@ def test_distributed_optimizer_checkpoint_round_trip(tmp_path, token_data):
     restored changes the update at lr 5e-3, and the loss after it, far more."""
     from megatron.core import dist_checkpointing
 
-    common = dict(training={"train_iters": 8}, alignment={"stop_step": 6},
-                  optimizer={"lr": 5e-3, "clip_grad": 1.0}, parallel={"use_distributed_optimizer": True},
-                  logging={"log_interval": 1}, checkpoint={"save_interval": 4})
+    common = dict(
+        training={"train_iters": 8},
+        alignment={"stop_step": 6},
+        optimizer={"lr": 5e-3, "clip_grad": 1.0},
+        parallel={"use_distributed_optimizer": True},
+        logging={"log_interval": 1},
+        checkpoint={"save_interval": 4},
+    )
     straight = write_config(tmp_path / "straight.yaml", gpu_config(token_data, **common))
     launch(2, "-m megatron_let.train", "--config", str(straight), "--set", f"checkpoint.save={tmp_path / 'a'}")
     middle = tmp_path / "a" / "iter_0000004"
-    out = launch(2, "-m megatron_let.train", "--config", str(straight), "--set", f"checkpoint.load={middle}",
-                 "--set", f"checkpoint.save={tmp_path / 'b'}")
+    out = launch(
+        2,
+        "-m megatron_let.train",
+        "--config",
+        str(straight),
+        "--set",
+        f"checkpoint.load={middle}",
+        "--set",
+        f"checkpoint.save={tmp_path / 'b'}",
+    )
     assert "at iteration 4" in out.stdout and "teacher released" in out.stdout
 
     def contains(obj, key):
@@ -410,8 +490,10 @@ def test_distributed_optimizer_checkpoint_round_trip(tmp_path, token_data):
     assert sorted(a) == list(range(1, 9)) and sorted(b) == [5, 6, 7, 8]
     for it in range(5, 9):
         ra, rb = a[it], b[it]
-        print(f"\niteration {it}: lm loss {ra['lm_loss']!r} / {rb['lm_loss']!r}, alignment "
-              f"{ra['alignment_loss']!r} / {rb['alignment_loss']!r}, grad norm {ra['grad_norm']!r} / {rb['grad_norm']!r}")
+        print(
+            f"\niteration {it}: lm loss {ra['lm_loss']!r} / {rb['lm_loss']!r}, alignment "
+            f"{ra['alignment_loss']!r} / {rb['alignment_loss']!r}, grad norm {ra['grad_norm']!r} / {rb['grad_norm']!r}"
+        )
         assert (rb["lambda"], rb["consumed_samples"]) == (ra["lambda"], ra["consumed_samples"])
         assert rb["lr"] == pytest.approx(ra["lr"], rel=1e-12)  # the restored scheduler
         assert (ra["alignment_loss"] is None) == (rb["alignment_loss"] is None) == (it > 6)

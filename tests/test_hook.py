@@ -2,17 +2,22 @@
 
 import pytest
 import torch
-
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_let.hook import AlignmentLossScaler, layer_owner
 
 
 def config(num_layers, pp, vpp=None, first=None, last=None):
-    return TransformerConfig(num_layers=num_layers, hidden_size=64, num_attention_heads=4,
-                             pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp,
-                             num_layers_in_first_pipeline_stage=first, num_layers_in_last_pipeline_stage=last,
-                             pipeline_dtype=torch.float32)
+    return TransformerConfig(
+        num_layers=num_layers,
+        hidden_size=64,
+        num_attention_heads=4,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        num_layers_in_first_pipeline_stage=first,
+        num_layers_in_last_pipeline_stage=last,
+        pipeline_dtype=torch.float32,
+    )
 
 
 def by_hand(layer, stage_sizes):
@@ -50,7 +55,7 @@ def test_layer_outside_the_model():
 
 def test_aux_loss_scaler_adds_the_scaled_alignment_gradient():
     h = torch.randn(5, 2, 8, requires_grad=True)
-    aux = (h ** 2).sum() * 0.3
+    aux = (h**2).sum() * 0.3
     scale = torch.tensor([0.25])
     out = AlignmentLossScaler.apply(h, aux, scale)
     torch.testing.assert_close(out, h)

@@ -19,8 +19,11 @@ from conftest import tiny_config, torchrun, write_config
 
 LOSS_RTOL = 1e-6
 NUM_LAYERS = 12  # divisible by PP=2, PP=3 and PP=2 × VPP=2 (and PP=2 × VPP=3)
-TP, PP, VPP = ("parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size",
-               "parallel.virtual_pipeline_model_parallel_size")
+TP, PP, VPP = (
+    "parallel.tensor_model_parallel_size",
+    "parallel.pipeline_model_parallel_size",
+    "parallel.virtual_pipeline_model_parallel_size",
+)
 
 # name: (processes, overrides); one launch per process count
 LAYOUTS = {
@@ -69,15 +72,28 @@ def assemble(pieces_per_rank: list) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, token_data):
     root = tmp_path_factory.mktemp("initialization")
-    base = write_config(root / "base.yaml", tiny_config(
-        token_data, teacher=None, model={"num_layers": NUM_LAYERS},
-        training={"micro_batch_size": 1, "global_batch_size": 12, "train_iters": 1}))
+    base = write_config(
+        root / "base.yaml",
+        tiny_config(
+            token_data,
+            teacher=None,
+            model={"num_layers": NUM_LAYERS},
+            training={"micro_batch_size": 1, "global_batch_size": 12, "train_iters": 1},
+        ),
+    )
     by_processes = defaultdict(list)
     for name, (nproc, overrides) in LAYOUTS.items():
         by_processes[nproc].append(f"{name}:{','.join(overrides)}")
     for nproc, layouts in sorted(by_processes.items()):
-        torchrun(nproc, "tests/harness/init_layouts.py", "--config", str(base), "--out", str(root),
-                 *[arg for layout in layouts for arg in ("--layout", layout)])
+        torchrun(
+            nproc,
+            "tests/harness/init_layouts.py",
+            "--config",
+            str(base),
+            "--out",
+            str(root),
+            *[arg for layout in layouts for arg in ("--layout", layout)],
+        )
     weights, losses = {}, {}
     for name, (nproc, _) in LAYOUTS.items():
         weights[name] = assemble([torch.load(root / name / f"rank{r}.pt") for r in range(nproc)])
@@ -93,7 +109,7 @@ def layers_of(weights: dict) -> dict:
         if key.startswith("decoder.layers."):
             assert tensor.shape[0] == NUM_LAYERS, key
             for index in range(NUM_LAYERS):
-                layers[index][key[len("decoder.layers."):]] = tensor[index]
+                layers[index][key[len("decoder.layers.") :]] = tensor[index]
     return layers
 
 
@@ -110,8 +126,10 @@ def test_initial_weights_match_single_process(runs, layout):
 @pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != REFERENCE])
 def test_first_step_loss_matches_single_process(runs, layout):
     losses = runs.losses
-    print(f"\n{layout}: lm loss {losses[layout]!r} vs {losses[REFERENCE]!r}, "
-          f"relative difference {abs(losses[layout] / losses[REFERENCE] - 1):.2e}")
+    print(
+        f"\n{layout}: lm loss {losses[layout]!r} vs {losses[REFERENCE]!r}, "
+        f"relative difference {abs(losses[layout] / losses[REFERENCE] - 1):.2e}"
+    )
     assert math.isfinite(losses[layout])
     assert losses[layout] == pytest.approx(losses[REFERENCE], rel=LOSS_RTOL)
 
@@ -122,8 +140,12 @@ def test_no_two_layers_start_identical(runs, layout):
     two layers: no stage or virtual chunk repeats another's draws."""
     layers = layers_of(runs.weights[layout])
     random_names = [name for name, tensor in layers[0].items() if float(tensor.std()) > 0]
-    assert {"self_attention.linear_qkv.weight", "self_attention.linear_proj.weight",
-            "mlp.linear_fc1.weight", "mlp.linear_fc2.weight"} <= set(random_names)
+    assert {
+        "self_attention.linear_qkv.weight",
+        "self_attention.linear_proj.weight",
+        "mlp.linear_fc1.weight",
+        "mlp.linear_fc2.weight",
+    } <= set(random_names)
     for i in layers:
         for j in layers:
             if i < j:

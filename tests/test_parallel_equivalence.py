@@ -26,54 +26,105 @@ LAYOUTS = {
     # k = 2 is the last layer of stage 0: the hook's output is the stage output, which megatron
     # frees after sending it (deallocate_pipeline_outputs, on as on GPU) — it must not be a view.
     "pp2_k_on_stage0": (2, 2, 2, ["parallel.pipeline_model_parallel_size=2"]),
-    "pp2_interleaved": (2, 3, 2, ["parallel.pipeline_model_parallel_size=2",
-                                  "parallel.virtual_pipeline_model_parallel_size=2"]),
+    "pp2_interleaved": (
+        2,
+        3,
+        2,
+        ["parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=2"],
+    ),
     "dp2": (2, 3, 2, []),
     "tp2_sequence_parallel": (2, 3, 2, ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]),
     "tp2_pp2": (4, 3, 2, ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"]),
     # megatron DDP reducing gradient buckets during the backward (small buckets: several per chunk),
     # with the interleaved schedule's per-chunk grad-sync hooks.
     "dp2_overlap_grad_reduce": (2, 3, 2, ["parallel.overlap_grad_reduce=true", "parallel.ddp_bucket_size=20000"]),
-    "pp2_vpp2_dp2_overlap_grad_reduce": (4, 3, 2, ["parallel.pipeline_model_parallel_size=2",
-                                                   "parallel.virtual_pipeline_model_parallel_size=2",
-                                                   "parallel.overlap_grad_reduce=true",
-                                                   "parallel.ddp_bucket_size=20000"]),
+    "pp2_vpp2_dp2_overlap_grad_reduce": (
+        4,
+        3,
+        2,
+        [
+            "parallel.pipeline_model_parallel_size=2",
+            "parallel.virtual_pipeline_model_parallel_size=2",
+            "parallel.overlap_grad_reduce=true",
+            "parallel.ddp_bucket_size=20000",
+        ],
+    ),
     # Activation recompute: layer k first runs without a graph, then again in the backward pass;
     # the alignment loss must be attached exactly once, to the recomputed pass (k = 2 is stage 0's
     # last layer, recomputed uniformly one layer at a time; k = 3 opens stage 1, recomputed as a block).
-    "pp2_full_recompute_k_on_stage0": (2, 2, 2, ["parallel.pipeline_model_parallel_size=2",
-                                                 "parallel.recompute_granularity=full",
-                                                 "parallel.recompute_method=uniform",
-                                                 "parallel.recompute_num_layers=1"]),
-    "pp2_full_recompute_k_on_stage1": (2, 3, 2, ["parallel.pipeline_model_parallel_size=2",
-                                                 "parallel.recompute_granularity=full",
-                                                 "parallel.recompute_method=block",
-                                                 "parallel.recompute_num_layers=2"]),
-    "tp2_selective_recompute": (2, 3, 2, ["parallel.tensor_model_parallel_size=2",
-                                          "parallel.recompute_granularity=selective"]),
+    "pp2_full_recompute_k_on_stage0": (
+        2,
+        2,
+        2,
+        [
+            "parallel.pipeline_model_parallel_size=2",
+            "parallel.recompute_granularity=full",
+            "parallel.recompute_method=uniform",
+            "parallel.recompute_num_layers=1",
+        ],
+    ),
+    "pp2_full_recompute_k_on_stage1": (
+        2,
+        3,
+        2,
+        [
+            "parallel.pipeline_model_parallel_size=2",
+            "parallel.recompute_granularity=full",
+            "parallel.recompute_method=block",
+            "parallel.recompute_num_layers=2",
+        ],
+    ),
+    "tp2_selective_recompute": (
+        2,
+        3,
+        2,
+        ["parallel.tensor_model_parallel_size=2", "parallel.recompute_granularity=selective"],
+    ),
 }
 # With dropout the masks depend on the layout, so recompute is compared with the same layout
 # without it: the recomputed pass must replay the first pass's dropout masks (megatron restores the
 # generators, our CPU tracker's streams included).
 DROPOUT = ["parallel.pipeline_model_parallel_size=2", "model.hidden_dropout=0.1", "model.attention_dropout=0.1"]
 RECOMPUTE_PAIRS = {
-    "pp2_dropout_full_recompute": ("pp2_dropout", DROPOUT + ["parallel.recompute_granularity=full",
-                                                             "parallel.recompute_method=uniform",
-                                                             "parallel.recompute_num_layers=2"]),
+    "pp2_dropout_full_recompute": (
+        "pp2_dropout",
+        DROPOUT
+        + [
+            "parallel.recompute_granularity=full",
+            "parallel.recompute_method=uniform",
+            "parallel.recompute_num_layers=2",
+        ],
+    ),
 }
 EXPECTED_TEACHER_RANKS = {  # megatron's rank order is TP fastest, then DP, then PP
-    "tp2": [0, 1], "tp2_replicated_teacher": [0, 1], "pp2_k_on_stage1": [1], "pp2_k_on_stage0": [0], "pp2_interleaved": [0],
-    "dp2": [0, 1], "tp2_sequence_parallel": [0, 1], "tp2_pp2": [2, 3],
-    "dp2_overlap_grad_reduce": [0, 1], "pp2_vpp2_dp2_overlap_grad_reduce": [0, 1],
-    "pp2_full_recompute_k_on_stage0": [0], "pp2_full_recompute_k_on_stage1": [1], "tp2_selective_recompute": [0, 1],
+    "tp2": [0, 1],
+    "tp2_replicated_teacher": [0, 1],
+    "pp2_k_on_stage1": [1],
+    "pp2_k_on_stage0": [0],
+    "pp2_interleaved": [0],
+    "dp2": [0, 1],
+    "tp2_sequence_parallel": [0, 1],
+    "tp2_pp2": [2, 3],
+    "dp2_overlap_grad_reduce": [0, 1],
+    "pp2_vpp2_dp2_overlap_grad_reduce": [0, 1],
+    "pp2_full_recompute_k_on_stage0": [0],
+    "pp2_full_recompute_k_on_stage1": [1],
+    "tp2_selective_recompute": [0, 1],
 }
 
 
 def teacher_model(heads: int) -> dict:
-    return {"num_layers": 2, "hidden_size": 48, "num_attention_heads": heads, "num_query_groups": None,
-            "ffn_hidden_size": 96,
-            "vocab_size": 512, "max_position_embeddings": 64, "normalization": "LayerNorm",
-            "activation": "gelu"}
+    return {
+        "num_layers": 2,
+        "hidden_size": 48,
+        "num_attention_heads": heads,
+        "num_query_groups": None,
+        "ffn_hidden_size": 96,
+        "vocab_size": 512,
+        "max_position_embeddings": 64,
+        "normalization": "LayerNorm",
+        "activation": "gelu",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -81,19 +132,44 @@ def runs(tmp_path_factory, token_data):
     root = tmp_path_factory.mktemp("equivalence")
     base = write_config(root / "base.yaml", tiny_config(token_data, optimizer={"clip_grad": 0.0}))
     # The starting target and two small "pretrained" teachers, written by the trainer itself.
-    torchrun(1, "-m megatron_let.train", "--config", str(base), "--set", "training.train_iters=0",
-             "--set", f"checkpoint.save={root / 'init'}")
+    torchrun(
+        1,
+        "-m megatron_let.train",
+        "--config",
+        str(base),
+        "--set",
+        "training.train_iters=0",
+        "--set",
+        f"checkpoint.save={root / 'init'}",
+    )
     for heads in (2, 3):
-        teacher_cfg = tiny_config(token_data, teacher=None, model=teacher_model(heads),
-                                  training={"train_iters": 2}, checkpoint={"save": str(root / f"teacher{heads}")})
+        teacher_cfg = tiny_config(
+            token_data,
+            teacher=None,
+            model=teacher_model(heads),
+            training={"train_iters": 2},
+            checkpoint={"save": str(root / f"teacher{heads}")},
+        )
         torchrun(1, "-m megatron_let.train", "--config", str(write_config(root / f"teacher{heads}.yaml", teacher_cfg)))
 
     def step(name, nproc, layer, heads, overrides, teacher=True):
-        args = ["--config", str(base), "--out", str(root / name), "--set", f"checkpoint.load={root / 'init'}",
-                "--set", f"alignment.target_layer={layer}"]
+        args = [
+            "--config",
+            str(base),
+            "--out",
+            str(root / name),
+            "--set",
+            f"checkpoint.load={root / 'init'}",
+            "--set",
+            f"alignment.target_layer={layer}",
+        ]
         if teacher:
-            args += ["--set", f"teacher.load={root / f'teacher{heads}'}",
-                     "--set", f"teacher.model.num_attention_heads={heads}"]
+            args += [
+                "--set",
+                f"teacher.load={root / f'teacher{heads}'}",
+                "--set",
+                f"teacher.model.num_attention_heads={heads}",
+            ]
         else:
             args += ["--set", "teacher=null"]
         for item in overrides:
@@ -113,9 +189,20 @@ def runs(tmp_path_factory, token_data):
         metrics[without] = step(without, 2, 3, 2, DROPOUT)
         metrics[name] = step(name, 2, 3, 2, overrides)
     names = list(metrics)
-    torchrun(1, "tests/harness/read_grads.py", "--config", str(base), "--out", str(root / "grads.pt"),
-             "--set", f"checkpoint.load={root / 'init'}", "--set", f"teacher.load={root / 'teacher2'}",
-             "--direct", *[str(root / name / "grads") for name in names])
+    torchrun(
+        1,
+        "tests/harness/read_grads.py",
+        "--config",
+        str(base),
+        "--out",
+        str(root / "grads.pt"),
+        "--set",
+        f"checkpoint.load={root / 'init'}",
+        "--set",
+        f"teacher.load={root / 'teacher2'}",
+        "--direct",
+        *[str(root / name / "grads") for name in names],
+    )
     loaded = torch.load(root / "grads.pt")
     grads = {name: loaded[str(root / name / "grads")] for name in names}
     grads["direct_k3"] = loaded["direct"]
@@ -136,8 +223,10 @@ def test_losses_match_single_process(runs, layout):
     metrics, _ = runs
     _, layer, heads, _ = LAYOUTS[layout]
     ours, ref = metrics[layout], metrics[reference_for(layer, heads)]
-    print(f"\n{layout}: lm loss {ours['lm_loss']!r} vs {ref['lm_loss']!r}, "
-          f"alignment loss {ours['alignment_loss']!r} vs {ref['alignment_loss']!r}")
+    print(
+        f"\n{layout}: lm loss {ours['lm_loss']!r} vs {ref['lm_loss']!r}, "
+        f"alignment loss {ours['alignment_loss']!r} vs {ref['alignment_loss']!r}"
+    )
     assert ours["lm_loss"] == pytest.approx(ref["lm_loss"], rel=LOSS_RTOL)
     # The alignment loss is a mean of per-token cosines near 0 at initialisation (|loss| ~ 1e-3):
     # fp32 summation order across TP shards shows in its relative error, so bound it absolutely too.
@@ -145,8 +234,9 @@ def test_losses_match_single_process(runs, layout):
     assert ours["cosine_similarity"] == pytest.approx(-ref["alignment_loss"], rel=LOSS_RTOL, abs=ALIGN_ATOL)
     assert ours["lambda"] == ref["lambda"] == 0.1
     assert ours["deallocate_pipeline_outputs"]  # the GPU setting, under which a view output crashes
-    granularity = next((o.split("=")[1] for o in LAYOUTS[layout][3] if o.startswith("parallel.recompute_granularity")),
-                       None)
+    granularity = next(
+        (o.split("=")[1] for o in LAYOUTS[layout][3] if o.startswith("parallel.recompute_granularity")), None
+    )
     assert ours["recompute_granularity"] == granularity
 
 

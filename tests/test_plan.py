@@ -14,12 +14,12 @@ from dataclasses import replace
 import pytest
 import yaml
 
-from conftest import REPO, torchrun, write_config
-
 from megatron_let import plan
 from megatron_let.config import ModelConfig
-from megatron_let.run_config import load_run_config as load_config
 from megatron_let.model import count_parameters
+from megatron_let.run_config import load_run_config as load_config
+
+from conftest import REPO, torchrun, write_config
 
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 
@@ -37,15 +37,32 @@ def run_plan(*args: str) -> tuple[int, str, str]:
 MEASURED = {
     "device": "cpu",
     # MHA (local attention expands GQA's K/V), SwiGLU, RoPE, untied: the target's terms all appear.
-    "model": {"num_layers": 4, "hidden_size": 64, "num_attention_heads": 4, "ffn_hidden_size": 256,
-              "vocab_size": 300, "max_position_embeddings": 64, "activation": "swiglu",
-              "position_embedding_type": "rope"},
+    "model": {
+        "num_layers": 4,
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "ffn_hidden_size": 256,
+        "vocab_size": 300,
+        "max_position_embeddings": 64,
+        "activation": "swiglu",
+        "position_embedding_type": "rope",
+    },
     # OPT-like: biases, LayerNorm, learned positions, tied head.
-    "teacher": {"model": {"num_layers": 2, "hidden_size": 48, "num_attention_heads": 2, "ffn_hidden_size": 96,
-                          "vocab_size": 300, "max_position_embeddings": 64, "normalization": "LayerNorm",
-                          "activation": "relu", "add_bias_linear": True,
-                          "position_embedding_type": "learned_absolute",
-                          "untie_embeddings_and_output_weights": False}},
+    "teacher": {
+        "model": {
+            "num_layers": 2,
+            "hidden_size": 48,
+            "num_attention_heads": 2,
+            "ffn_hidden_size": 96,
+            "vocab_size": 300,
+            "max_position_embeddings": 64,
+            "normalization": "LayerNorm",
+            "activation": "relu",
+            "add_bias_linear": True,
+            "position_embedding_type": "learned_absolute",
+            "untie_embeddings_and_output_weights": False,
+        }
+    },
     "alignment": {"target_layer": 3},
     "training": {"micro_batch_size": 3, "global_batch_size": 6, "seq_length": 32, "train_iters": 1},
     "data": {"mock_data": True},
@@ -81,8 +98,9 @@ def test_parameters_and_saved_activations_match_the_built_models(tmp_path):
         estimate = plan.estimate(cfg, 2)
         tp, sp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.sequence_parallel
         # torch's CPU attention is its flash kernel: output and logsumexp kept, as TE's fused attention.
-        per_layer = plan.layer_activation_bytes(cfg.model, 32, 3, tp, sp, attention=plan.ATTENTION_FUSED,
-                                                element_size=4, fused_activation=False)
+        per_layer = plan.layer_activation_bytes(
+            cfg.model, 32, 3, tp, sp, attention=plan.ATTENTION_FUSED, element_size=4, fused_activation=False
+        )
         per_layer += local_layer_extras(cfg.model, 32, 3, tp, sp)
         for rank in range(2):
             record = json.loads((tmp_path / "out" / name / f"rank{rank}.json").read_text())
@@ -138,8 +156,10 @@ def megatron_lm_parameters(m: ModelConfig, padded_vocab: int) -> int:
 
 @pytest.mark.parametrize("example", ["let_1.4b_smollm2.yaml", "baseline_7b.yaml"])
 def test_weights_and_optimizer_match_megatron_lm_at_tp1(example):
-    cfg = load_config(REPO / "examples" / example, ["teacher=null", "parallel.tensor_model_parallel_size=1",
-                                                    "parallel.sequence_parallel=false"])
+    cfg = load_config(
+        REPO / "examples" / example,
+        ["teacher=null", "parallel.tensor_model_parallel_size=1", "parallel.sequence_parallel=false"],
+    )
     estimate = plan.estimate(cfg, 32)
     n = megatron_lm_parameters(cfg.model, estimate.run.padded_vocab)
     stage = estimate.stages[0]
@@ -148,9 +168,18 @@ def test_weights_and_optimizer_match_megatron_lm_at_tp1(example):
     assert state.weights + state.grads + state.optimizer_distributed == pytest.approx(n * (6 + 12 / 32))
 
 
-GPT = ModelConfig(num_layers=24, hidden_size=1024, num_attention_heads=16, ffn_hidden_size=4096, vocab_size=51200,
-                  normalization="LayerNorm", activation="gelu", position_embedding_type="learned_absolute",
-                  hidden_dropout=0.1, attention_dropout=0.1)
+GPT = ModelConfig(
+    num_layers=24,
+    hidden_size=1024,
+    num_attention_heads=16,
+    ffn_hidden_size=4096,
+    vocab_size=51200,
+    normalization="LayerNorm",
+    activation="gelu",
+    position_embedding_type="learned_absolute",
+    hidden_dropout=0.1,
+    attention_dropout=0.1,
+)
 
 
 @pytest.mark.parametrize("t", [1, 2, 4, 8])
@@ -174,22 +203,36 @@ def test_layer_activations_are_korthikanti_table_2(t):
 
 def test_layer_activations_of_a_llama_layer_tensor_by_tensor():
     """The generalisation (GQA, RoPE, SwiGLU, no dropout), as a list of the tensors kept, bf16."""
-    m = ModelConfig(num_layers=32, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
-                    ffn_hidden_size=11008, vocab_size=128256)
+    m = ModelConfig(
+        num_layers=32,
+        hidden_size=4096,
+        num_attention_heads=32,
+        num_query_groups=8,
+        ffn_hidden_size=11008,
+        vocab_size=128256,
+    )
     s, b, t = 1280, 4, 2
     h, kv, f = 4096, 128, 11008
     q, k = 32 * kv, 8 * kv
     sequence = {"input norm input": h, "QKV input": h, "pre-MLP norm input": h, "fc1 input": h}
-    split = {"QKV output (Q, K, V)": q + 2 * k, "rotated Q": q, "rotated K": k, "context": q,
-             "fc1 output (gate, up)": 2 * f, "fc2 input": f}
+    split = {
+        "QKV output (Q, K, V)": q + 2 * k,
+        "rotated Q": q,
+        "rotated K": k,
+        "context": q,
+        "fc1 output (gate, up)": 2 * f,
+        "fc2 input": f,
+    }
     for sp in (False, True):
         expected = 2 * s * b * (sum(sequence.values()) / (t if sp else 1) + sum(split.values()) / t)
         stats = 4 * 32 * s * b / t  # fused attention's FP32 softmax statistics
         assert plan.layer_activation_bytes(m, s, b, t, sp, attention=plan.ATTENTION_FUSED) == pytest.approx(
-            expected + stats)
+            expected + stats
+        )
         # Unfused SwiGLU keeps two FFN-wide tensors more (the linear half + offset, the SiLU output).
-        unfused = plan.layer_activation_bytes(m, s, b, t, sp, attention=plan.ATTENTION_RECOMPUTED,
-                                              fused_activation=False)
+        unfused = plan.layer_activation_bytes(
+            m, s, b, t, sp, attention=plan.ATTENTION_RECOMPUTED, fused_activation=False
+        )
         assert unfused == pytest.approx(expected + 2 * 2 * s * b * f / t)
 
 
@@ -208,9 +251,10 @@ def test_pipeline_keeps_megatron_lms_microbatches_in_flight():
 
 
 def test_full_recompute_keeps_checkpoints_and_one_group():
-    cfg = load_config(REPO / "examples" / "baseline_1.4b.yaml",
-                      ["parallel.recompute_granularity=full", "parallel.recompute_method=uniform",
-                       "parallel.recompute_num_layers=4"])
+    cfg = load_config(
+        REPO / "examples" / "baseline_1.4b.yaml",
+        ["parallel.recompute_granularity=full", "parallel.recompute_method=uniform", "parallel.recompute_num_layers=4"],
+    )
     run = plan.run_for(cfg, 32)
     assert run.configured_mode.startswith("full (uniform: 4 layers")
     checkpoint = 2 * run.seq * run.micro * cfg.model.hidden_size
@@ -230,36 +274,104 @@ def test_logits_and_the_cross_entropy_copy():
 # The known teachers, as `convert` reads their published config.json
 
 PUBLISHED = {  # the fields of each model's Hugging Face config.json that the conversion reads
-    "smollm2-135m": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576,
-                     "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
-                     "num_key_value_heads": 3, "hidden_act": "silu", "max_position_embeddings": 8192,
-                     "rms_norm_eps": 1e-05, "rope_theta": 100000, "rope_scaling": None,
-                     "tie_word_embeddings": True, "vocab_size": 49152, "attention_bias": False,
-                     "mlp_bias": False, "initializer_range": 0.041666666666666664},
-    "smollm2-1.7b": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
-                     "intermediate_size": 8192, "num_hidden_layers": 24, "num_attention_heads": 32,
-                     "num_key_value_heads": 32, "hidden_act": "silu", "max_position_embeddings": 8192,
-                     "rms_norm_eps": 1e-05, "rope_theta": 130000, "rope_scaling": None,
-                     "tie_word_embeddings": True, "vocab_size": 49152, "attention_bias": False,
-                     "mlp_bias": False, "initializer_range": 0.02},
-    "pythia-160m": {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "hidden_size": 768,
-                    "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-                    "hidden_act": "gelu", "max_position_embeddings": 2048, "layer_norm_eps": 1e-05,
-                    "rotary_emb_base": 10000, "rotary_pct": 0.25, "use_parallel_residual": True,
-                    "tie_word_embeddings": False, "vocab_size": 50304, "initializer_range": 0.02},
-    "opt-125m": {"architectures": ["OPTForCausalLM"], "model_type": "opt", "activation_function": "relu",
-                 "do_layer_norm_before": True, "ffn_dim": 3072, "hidden_size": 768, "init_std": 0.02,
-                 "max_position_embeddings": 2048, "num_attention_heads": 12, "num_hidden_layers": 12,
-                 "vocab_size": 50272, "word_embed_proj_dim": 768, "bos_token_id": 2, "eos_token_id": 2,
-                 "pad_token_id": 1},
-    "llama-3.2-1b": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
-                     "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
-                     "num_key_value_heads": 8, "head_dim": 64, "hidden_act": "silu",
-                     "max_position_embeddings": 131072, "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
-                     "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                                      "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-                     "tie_word_embeddings": True, "vocab_size": 128256, "attention_bias": False,
-                     "mlp_bias": False, "initializer_range": 0.02},
+    "smollm2-135m": {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "hidden_act": "silu",
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 100000,
+        "rope_scaling": None,
+        "tie_word_embeddings": True,
+        "vocab_size": 49152,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "initializer_range": 0.041666666666666664,
+    },
+    "smollm2-1.7b": {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "hidden_act": "silu",
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 130000,
+        "rope_scaling": None,
+        "tie_word_embeddings": True,
+        "vocab_size": 49152,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "initializer_range": 0.02,
+    },
+    "pythia-160m": {
+        "architectures": ["GPTNeoXForCausalLM"],
+        "model_type": "gpt_neox",
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "hidden_act": "gelu",
+        "max_position_embeddings": 2048,
+        "layer_norm_eps": 1e-05,
+        "rotary_emb_base": 10000,
+        "rotary_pct": 0.25,
+        "use_parallel_residual": True,
+        "tie_word_embeddings": False,
+        "vocab_size": 50304,
+        "initializer_range": 0.02,
+    },
+    "opt-125m": {
+        "architectures": ["OPTForCausalLM"],
+        "model_type": "opt",
+        "activation_function": "relu",
+        "do_layer_norm_before": True,
+        "ffn_dim": 3072,
+        "hidden_size": 768,
+        "init_std": 0.02,
+        "max_position_embeddings": 2048,
+        "num_attention_heads": 12,
+        "num_hidden_layers": 12,
+        "vocab_size": 50272,
+        "word_embed_proj_dim": 768,
+        "bos_token_id": 2,
+        "eos_token_id": 2,
+        "pad_token_id": 1,
+    },
+    "llama-3.2-1b": {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "hidden_act": "silu",
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "factor": 32.0,
+            "high_freq_factor": 4.0,
+            "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        },
+        "tie_word_embeddings": True,
+        "vocab_size": 128256,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "initializer_range": 0.02,
+    },
 }
 
 
@@ -301,22 +413,25 @@ def test_plan_runs_on_every_example(example):
         assert ": fits (" in out, out  # every shipped GPU recipe fits 80 GiB
 
 
-@pytest.mark.parametrize("example", [p for p in EXAMPLES if "# $ megatron-let plan" in p.read_text()],
-                         ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "example", [p for p in EXAMPLES if "# $ megatron-let plan" in p.read_text()], ids=lambda p: p.stem
+)
 def test_the_memory_comment_of_each_example_is_the_commands_output(example):
     """Each GPU recipe carries `plan --brief`'s output under the command that printed it."""
     lines = example.read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("# $ megatron-let plan "))
-    args = shlex.split(lines[start][len("# $ megatron-let plan "):])
+    args = shlex.split(lines[start][len("# $ megatron-let plan ") :])
     assert args[args.index("--config") + 1] == f"examples/{example.name}"
     comment = []
-    for line in lines[start + 1:]:
+    for line in lines[start + 1 :]:
         if not line.startswith("#   "):
             break
         comment.append(line[4:])
     code, out, err = run_plan(*[str(REPO / a) if a.startswith("examples/") else a for a in args])
     assert code == 0, err
-    assert comment == out.splitlines(), "regenerate the comment:\n" + "\n".join(f"#   {l}" for l in out.splitlines())
+    assert comment == out.splitlines(), "regenerate the comment:\n" + "\n".join(
+        f"#   {line}" for line in out.splitlines()
+    )
 
 
 def test_gpu_recipes_carry_their_memory_comment():
@@ -335,15 +450,22 @@ def test_an_unknown_teacher_is_left_out_and_said_so():
     assert code == 0 and "teacher: 30 layers × 576, 9 heads / 3 KV groups" in out
     assert "on pipeline stage 0 only (it owns target layer k=3)" in out and "teacher weights" in out
     # key=value overrides on a known teacher, and a teacher that TP 2 cannot shard
-    code, out, _ = run_plan("--config", str(REPO / "examples" / "let_7b_smollm2.yaml"), "--gpus", "32",
-                            "--teacher-arch", "smollm2-135m,num_layers=15")
+    code, out, _ = run_plan(
+        "--config",
+        str(REPO / "examples" / "let_7b_smollm2.yaml"),
+        "--gpus",
+        "32",
+        "--teacher-arch",
+        "smollm2-135m,num_layers=15",
+    )
     assert code == 0 and "teacher: 15 layers × 576" in out
     assert "replicated on each TP rank (its 9 heads / 3 query groups do not divide TP=2)" in out
 
 
 def test_a_teacher_of_another_vocabulary_is_refused():
-    code, _, err = run_plan("--config", str(REPO / "examples" / "let_1.4b_smollm2.yaml"), "--gpus", "32",
-                            "--teacher-arch", "pythia-160m")
+    code, _, err = run_plan(
+        "--config", str(REPO / "examples" / "let_1.4b_smollm2.yaml"), "--gpus", "32", "--teacher-arch", "pythia-160m"
+    )
     assert code == 2 and "teacher.model.vocab_size: 50304 differs from model.vocab_size=49152" in err
 
 
@@ -351,7 +473,9 @@ def test_the_command_errors_clearly_when_the_gpus_do_not_divide():
     command = [sys.executable, "-m", "megatron_let.cli", "plan", "--config", "examples/let_7b_smollm2.yaml"]
     result = subprocess.run(command + ["--gpus", "31"], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 2
-    assert ("megatron-let plan: --gpus 31 is not divisible by tensor_model_parallel_size × "
-            "pipeline_model_parallel_size = 2 × 1 = 2") in result.stderr
+    assert (
+        "megatron-let plan: --gpus 31 is not divisible by tensor_model_parallel_size × "
+        "pipeline_model_parallel_size = 2 × 1 = 2"
+    ) in result.stderr
     code, _, err = run_plan("--config", str(REPO / "examples" / "let_7b_smollm2.yaml"), "--gpus", "24")
     assert code == 2 and "global_batch_size=2048 is not divisible by micro_batch_size × data-parallel size" in err

@@ -26,11 +26,22 @@ def train_records(path):
 
 
 def launch(cfg, nproc=2, extra=()):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           f"--master-port={free_port()}", "-m", "megatron_let.train", "--config", str(cfg), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        f"--master-port={free_port()}",
+        "-m",
+        "megatron_let.train",
+        "--config",
+        str(cfg),
+        *extra,
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            cwd=REPO, start_new_session=True)
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO, start_new_session=True
+    )
 
 
 def wait_for_iteration(metrics, iteration, proc, timeout=240):
@@ -67,11 +78,17 @@ def test_sigterm_to_every_process_after_periodic_saves_saves_and_resumes(tmp_pat
     ckpt = tmp_path / "ckpt"
     # train_iters fixes the sample count, hence megatron's shuffle: the same in all three runs.
     total = 40
-    common = dict(training={"train_iters": total}, parallel={"pipeline_model_parallel_size": 2},
-                  alignment={"stop_step": 12})
-    cfg = write_config(tmp_path / "run.yaml", tiny_config(
-        token_data, checkpoint={"save": str(ckpt), "load": str(ckpt), "save_interval": 2, "async_save": async_save},
-        **common))
+    common = dict(
+        training={"train_iters": total}, parallel={"pipeline_model_parallel_size": 2}, alignment={"stop_step": 12}
+    )
+    cfg = write_config(
+        tmp_path / "run.yaml",
+        tiny_config(
+            token_data,
+            checkpoint={"save": str(ckpt), "load": str(ckpt), "save_interval": 2, "async_save": async_save},
+            **common,
+        ),
+    )
     proc = launch(cfg)
     wait_for_iteration(ckpt / "metrics.jsonl", 7, proc)
     assert signal_job_step(proc.pid) >= 4  # 2 ranks + their writer helpers
@@ -96,8 +113,9 @@ def test_sigterm_to_every_process_after_periodic_saves_saves_and_resumes(tmp_pat
     assert [r["iteration"] for r in resumed] == list(range(1, total + 1))
 
     straight_dir = tmp_path / "straight"
-    straight = write_config(tmp_path / "straight.yaml", tiny_config(
-        token_data, checkpoint={"save": str(straight_dir)}, **common))
+    straight = write_config(
+        tmp_path / "straight.yaml", tiny_config(token_data, checkpoint={"save": str(straight_dir)}, **common)
+    )
     torchrun(2, "-m megatron_let.train", "--config", str(straight))
     reference = train_records(straight_dir / "metrics.jsonl")
     assert len(reference) == len(resumed) == total
@@ -110,8 +128,10 @@ def test_sigterm_to_torchrun_saves_the_current_iteration(tmp_path, token_data):
     """The non-Slurm path: torchrun forwards SIGTERM to its workers, which save and exit 0
     (torchrun itself then reports the signal it got)."""
     ckpt = tmp_path / "ckpt"
-    cfg = write_config(tmp_path / "run.yaml", tiny_config(
-        token_data, training={"train_iters": 100000}, checkpoint={"save": str(ckpt), "save_interval": 3}))
+    cfg = write_config(
+        tmp_path / "run.yaml",
+        tiny_config(token_data, training={"train_iters": 100000}, checkpoint={"save": str(ckpt), "save_interval": 3}),
+    )
     proc = launch(cfg)
     wait_for_iteration(ckpt / "metrics.jsonl", 5, proc)
     proc.send_signal(signal.SIGTERM)
@@ -127,11 +147,19 @@ def test_exit_state_file_says_how_the_run_ended(tmp_path, token_data):
     """What the sbatch script reads to decide about requeueing: interrupted (signal), finished."""
     ckpt = tmp_path / "ckpt"
     state = tmp_path / "job.exit_state"
-    cfg = write_config(tmp_path / "run.yaml", tiny_config(
-        token_data, training={"train_iters": 100000}, checkpoint={"save": str(ckpt), "load": str(ckpt)}))
+    cfg = write_config(
+        tmp_path / "run.yaml",
+        tiny_config(token_data, training={"train_iters": 100000}, checkpoint={"save": str(ckpt), "load": str(ckpt)}),
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MEGATRON_LET_EXIT_STATE": str(state)}
-    proc = subprocess.Popen([sys.executable, "-m", "megatron_let.train", "--config", str(cfg)], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "megatron_let.train", "--config", str(cfg)],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     wait_for_iteration(ckpt / "metrics.jsonl", 2, proc)
     proc.send_signal(signal.SIGUSR1)
     output, _ = proc.communicate(timeout=240)
@@ -141,21 +169,32 @@ def test_exit_state_file_says_how_the_run_ended(tmp_path, token_data):
     assert report["iteration"] == int((ckpt / TRACKER).read_text())
 
     done = report["iteration"] + 1
-    result = subprocess.run([sys.executable, "-m", "megatron_let.train", "--config", str(cfg),
-                             "--set", f"training.train_iters={done}"], env=env, cwd=REPO, capture_output=True,
-                            text=True, timeout=240)
+    result = subprocess.run(
+        [sys.executable, "-m", "megatron_let.train", "--config", str(cfg), "--set", f"training.train_iters={done}"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(state.read_text()) == dict(report, status="finished", iteration=done, signal=None,
-                                                 train_iters=done)
+    assert json.loads(state.read_text()) == dict(
+        report, status="finished", iteration=done, signal=None, train_iters=done
+    )
 
 
 def test_checkpoint_retention_resave_and_fallback(tmp_path, token_data):
     """keep_last keeps the newest N; re-launching a finished run does not rewrite (or delete) its
     checkpoint; a tracker naming a missing checkpoint falls back to the newest complete one."""
     ckpt = tmp_path / "ckpt"
-    cfg = write_config(tmp_path / "run.yaml", tiny_config(
-        token_data, training={"train_iters": 5},
-        checkpoint={"save": str(ckpt), "load": str(ckpt), "save_interval": 1, "keep_last": 2}))
+    cfg = write_config(
+        tmp_path / "run.yaml",
+        tiny_config(
+            token_data,
+            training={"train_iters": 5},
+            checkpoint={"save": str(ckpt), "load": str(ckpt), "save_interval": 1, "keep_last": 2},
+        ),
+    )
     torchrun(1, "-m megatron_let.train", "--config", str(cfg))
     assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000004", "iter_0000005"]
     final = ckpt / "iter_0000005"
@@ -182,12 +221,18 @@ def test_a_second_run_on_the_same_checkpoint_directory_is_refused(tmp_path, toke
     try:
         import socket
 
-        (ckpt / ".megatron-let.lock").write_text(json.dumps(
-            {"job_id": None, "host": socket.gethostname(), "pid": holder.pid, "since": 0}))
+        (ckpt / ".megatron-let.lock").write_text(
+            json.dumps({"job_id": None, "host": socket.gethostname(), "pid": holder.pid, "since": 0})
+        )
         cfg = write_config(tmp_path / "run.yaml", tiny_config(token_data, checkpoint={"save": str(ckpt)}))
-        result = subprocess.run([sys.executable, "-m", "megatron_let.train", "--config", str(cfg)], cwd=REPO,
-                                env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
-                                timeout=240)
+        result = subprocess.run(
+            [sys.executable, "-m", "megatron_let.train", "--config", str(cfg)],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
         assert result.returncode != 0
         assert f"process {holder.pid} on {socket.gethostname()} is writing checkpoints" in result.stderr
         assert not list(ckpt.glob("iter_*"))
@@ -195,8 +240,14 @@ def test_a_second_run_on_the_same_checkpoint_directory_is_refused(tmp_path, toke
         holder.kill()
         holder.wait()
     # The holder is gone: the lock is stale and taken over.
-    result = subprocess.run([sys.executable, "-m", "megatron_let.train", "--config", str(cfg)], cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=240)
+    result = subprocess.run(
+        [sys.executable, "-m", "megatron_let.train", "--config", str(cfg)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "taking over a stale lock" in result.stderr
     assert not (ckpt / ".megatron-let.lock").exists()
@@ -206,9 +257,15 @@ def test_lr_logged_is_the_lr_used_and_warmup_starts_above_zero(tmp_path, token_d
     """Iteration i trains at schedule(i): linear warm-up from lr/w at iteration 1 to lr at w, then
     cosine to min_lr at train_iters (computed here from the formula, not from megatron)."""
     iters, lr, warmup_fraction = 10, 1e-3, 0.3
-    cfg = write_config(tmp_path / "run.yaml", tiny_config(
-        token_data, training={"train_iters": iters}, checkpoint={"save": str(tmp_path / "c")},
-        optimizer={"lr": lr, "min_lr": 1e-4, "lr_warmup_fraction": warmup_fraction}))
+    cfg = write_config(
+        tmp_path / "run.yaml",
+        tiny_config(
+            token_data,
+            training={"train_iters": iters},
+            checkpoint={"save": str(tmp_path / "c")},
+            optimizer={"lr": lr, "min_lr": 1e-4, "lr_warmup_fraction": warmup_fraction},
+        ),
+    )
     torchrun(1, "-m megatron_let.train", "--config", str(cfg))
     logged = [r["lr"] for r in train_records(tmp_path / "c" / "metrics.jsonl")]
     warmup = 3
@@ -229,8 +286,14 @@ def test_a_signal_during_start_up_stops_cleanly(tmp_path, token_data):
     state = tmp_path / "job.exit_state"
     cfg = write_config(tmp_path / "run.yaml", tiny_config(token_data, checkpoint={"save": str(tmp_path / "c")}))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MEGATRON_LET_EXIT_STATE": str(state)}
-    proc = subprocess.Popen([sys.executable, "-m", "megatron_let.train", "--config", str(cfg)], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "megatron_let.train", "--config", str(cfg)],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     time.sleep(1.0)  # inside `import torch` / megatron
     proc.send_signal(signal.SIGUSR1)
     output, _ = proc.communicate(timeout=240)
@@ -245,8 +308,12 @@ def test_exit_duration_saves_and_reports_interrupted(tmp_path, token_data):
     a signal (the sbatch script requeues)."""
     state = tmp_path / "job.exit_state"
     ckpt = tmp_path / "c"
-    cfg = write_config(tmp_path / "run.yaml", tiny_config(
-        token_data, training={"train_iters": 1000, "exit_duration_in_mins": 1e-4}, checkpoint={"save": str(ckpt)}))
+    cfg = write_config(
+        tmp_path / "run.yaml",
+        tiny_config(
+            token_data, training={"train_iters": 1000, "exit_duration_in_mins": 1e-4}, checkpoint={"save": str(ckpt)}
+        ),
+    )
     result = torchrun(1, "-m megatron_let.train", "--config", str(cfg), env={"MEGATRON_LET_EXIT_STATE": str(state)})
     assert "exit_duration_in_mins reached: saved at iteration 1, exiting" in result.stdout
     assert json.loads(state.read_text())["status"] == "interrupted"
@@ -259,9 +326,15 @@ def test_tensorboard_has_each_iteration_once_after_a_restart(tmp_path, token_dat
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     ckpt, board = tmp_path / "ckpt", tmp_path / "tb"
-    cfg = write_config(tmp_path / "run.yaml", tiny_config(
-        token_data, training={"train_iters": 6}, logging={"log_interval": 1, "tensorboard_dir": str(board)},
-        checkpoint={"save": str(ckpt), "load": str(ckpt), "save_interval": 3}))
+    cfg = write_config(
+        tmp_path / "run.yaml",
+        tiny_config(
+            token_data,
+            training={"train_iters": 6},
+            logging={"log_interval": 1, "tensorboard_dir": str(board)},
+            checkpoint={"save": str(ckpt), "load": str(ckpt), "save_interval": 3},
+        ),
+    )
     # The first launch: 5 iterations, then "killed" (its checkpoint at 5 removed, as if never written).
     torchrun(1, "-m megatron_let.train", "--config", str(cfg), "--set", "training.exit_interval=5")
     os.rename(ckpt / "iter_0000005", ckpt / "iter_0000005.deleting")
@@ -273,4 +346,5 @@ def test_tensorboard_has_each_iteration_once_after_a_restart(tmp_path, token_dat
     assert steps == [1, 2, 3, 4, 5, 6]
     jsonl = {r["iteration"]: r["lm_loss"] for r in train_records(ckpt / "metrics.jsonl")}
     assert [event.value for event in events.Scalars("train/lm_loss")] == pytest.approx(
-        [jsonl[i] for i in steps], rel=1e-6)
+        [jsonl[i] for i in steps], rel=1e-6
+    )

@@ -35,8 +35,7 @@ SP_VOCAB = 1000
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("corpus")
-    corpus.build_corpus(out, sources=("brown", "shakespeare"), max_docs=20, valid_fraction=0.1,
-                        test_fraction=0.1)
+    corpus.build_corpus(out, sources=("brown", "shakespeare"), max_docs=20, valid_fraction=0.1, test_fraction=0.1)
     return out
 
 
@@ -65,11 +64,18 @@ def node_gpt2(gpt2_dir, texts):
     """GPT-2 token ids of ``texts`` by the JavaScript encoder (OpenAI's algorithm, ported)."""
     if shutil.which("node") is None:
         pytest.skip("node is needed for the reference GPT-2 encoder")
-    script = ("const e = require(process.argv[1]); const fs = require('fs');"
-              "const texts = JSON.parse(fs.readFileSync(0, 'utf8'));"
-              "process.stdout.write(JSON.stringify(texts.map(t => e.encode(t))));")
-    result = subprocess.run(["node", "-e", script, str(gpt2_dir / "Encoder.js")], input=json.dumps(texts),
-                            capture_output=True, text=True, check=True)
+    script = (
+        "const e = require(process.argv[1]); const fs = require('fs');"
+        "const texts = JSON.parse(fs.readFileSync(0, 'utf8'));"
+        "process.stdout.write(JSON.stringify(texts.map(t => e.encode(t))));"
+    )
+    result = subprocess.run(
+        ["node", "-e", script, str(gpt2_dir / "Encoder.js")],
+        input=json.dumps(texts),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(result.stdout)
 
 
@@ -98,8 +104,9 @@ def files_in(directory):
 def test_gpt2_bpe_round_trip_with_eod(gpt2_dir, texts, tmp_path):
     records = [{"text": t} for t in texts[:12]] + [{"text": ""}]  # an empty document is left out
     data = write_jsonl(tmp_path / "docs.jsonl", records)
-    tok = build_tokenizer("GPT2BPETokenizer", vocab_file=str(gpt2_dir / "encoder.json"),
-                          merge_file=str(gpt2_dir / "vocab.bpe"))
+    tok = build_tokenizer(
+        "GPT2BPETokenizer", vocab_file=str(gpt2_dir / "encoder.json"), merge_file=str(gpt2_dir / "vocab.bpe")
+    )
     encoder = json.loads((gpt2_dir / "encoder.json").read_text())
     assert tok.eod == encoder["<|endoftext|>"] and tok.vocab_size == len(encoder)
     summary = preprocess([str(data)], str(tmp_path / "out" / "gpt2"), tok, append_eod=True)
@@ -131,8 +138,23 @@ def test_huggingface_tokenizer_json(gpt2_dir, texts, tmp_path):
     data = write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in texts[:6]])
     reference = node_gpt2(gpt2_dir, texts[:6])
     for model in models_to_try:
-        assert main(["--input", str(data), "--output-prefix", str(tmp_path / "out"), "--tokenizer-type",
-                     "HuggingFaceTokenizer", "--tokenizer-model", str(model), "--append-eod", "--overwrite"]) == 0
+        assert (
+            main(
+                [
+                    "--input",
+                    str(data),
+                    "--output-prefix",
+                    str(tmp_path / "out"),
+                    "--tokenizer-type",
+                    "HuggingFaceTokenizer",
+                    "--tokenizer-model",
+                    str(model),
+                    "--append-eod",
+                    "--overwrite",
+                ]
+            )
+            == 0
+        )
         docs, _ = read_back(tmp_path / "out_text_document")
         assert docs == [ids + [50256] for ids in reference], model
 
@@ -143,25 +165,36 @@ def test_sentencepiece_round_trip_and_several_keys(sp_model, texts, tmp_path):
     sp = sentencepiece.SentencePieceProcessor(model_file=sp_model)
     records = [{"text": t, "title": t.split("\n", 1)[0], "n": i} for i, t in enumerate(texts[:15])]
     data = write_jsonl(tmp_path / "docs.jsonl", records)
-    summary = preprocess(str(data), str(tmp_path / "sp"), build_tokenizer("SentencePieceTokenizer", sp_model),
-                         json_keys=("text", "title"), append_eod=True)
-    assert summary["outputs"] == {"text": str(tmp_path / "sp_text_document"),
-                                  "title": str(tmp_path / "sp_title_document")}
+    summary = preprocess(
+        str(data),
+        str(tmp_path / "sp"),
+        build_tokenizer("SentencePieceTokenizer", sp_model),
+        json_keys=("text", "title"),
+        append_eod=True,
+    )
+    assert summary["outputs"] == {
+        "text": str(tmp_path / "sp_text_document"),
+        "title": str(tmp_path / "sp_title_document"),
+    }
     assert sp.eos_id() == SP_VOCAB - 1  # the trained model's EOD is its last id
     for key in ("text", "title"):
         docs, dtype = read_back(tmp_path / f"sp_{key}_document")
         assert docs == [sp.encode(r[key]) + [sp.eos_id()] for r in records]
         assert dtype == np.uint16
-    assert files_in(tmp_path) == ["docs.jsonl", "sp_text_document.bin", "sp_text_document.idx",
-                                  "sp_title_document.bin", "sp_title_document.idx"]
+    assert files_in(tmp_path) == [
+        "docs.jsonl",
+        "sp_text_document.bin",
+        "sp_text_document.idx",
+        "sp_title_document.bin",
+        "sp_title_document.idx",
+    ]
 
 
 def test_output_is_identical_for_any_worker_count(sp_model, corpus_dir, tmp_path):
     tok = build_tokenizer("SentencePieceTokenizer", sp_model)
     inputs = [str(corpus_dir / "*.jsonl")]  # a glob: test, train, valid in sorted order
     for workers in (1, 2):
-        summary = preprocess(inputs, str(tmp_path / f"w{workers}"), tok, workers=workers, append_eod=True,
-                             chunksize=3)
+        summary = preprocess(inputs, str(tmp_path / f"w{workers}"), tok, workers=workers, append_eod=True, chunksize=3)
         assert summary["files"] == sorted(str(p) for p in corpus_dir.glob("*.jsonl"))
     for suffix in (".bin", ".idx"):
         one = (tmp_path / f"w1_text_document{suffix}").read_bytes()
@@ -194,8 +227,20 @@ def test_bad_line_stops_with_file_and_line(sp_model, texts, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     for workers in ("1", "2"):
-        code = main(["--input", str(data), "--output-prefix", str(out / "ds"), "--tokenizer-type",
-                     "SentencePieceTokenizer", "--tokenizer-model", sp_model, "--workers", workers])
+        code = main(
+            [
+                "--input",
+                str(data),
+                "--output-prefix",
+                str(out / "ds"),
+                "--tokenizer-type",
+                "SentencePieceTokenizer",
+                "--tokenizer-model",
+                sp_model,
+                "--workers",
+                workers,
+            ]
+        )
         err = capsys.readouterr().err
         assert code == 1
         assert f"{data}:3: invalid JSON" in err and "--skip-bad-lines" in err
@@ -206,8 +251,21 @@ def test_skip_bad_lines_counts_and_writes_the_good_ones(sp_model, texts, tmp_pat
     import sentencepiece
 
     data = bad_input(tmp_path / "bad.jsonl", texts)
-    code = main(["--input", str(data), "--output-prefix", str(tmp_path / "ds"), "--tokenizer-type",
-                 "SentencePieceTokenizer", "--tokenizer-model", sp_model, "--skip-bad-lines", "--workers", "2"])
+    code = main(
+        [
+            "--input",
+            str(data),
+            "--output-prefix",
+            str(tmp_path / "ds"),
+            "--tokenizer-type",
+            "SentencePieceTokenizer",
+            "--tokenizer-model",
+            sp_model,
+            "--skip-bad-lines",
+            "--workers",
+            "2",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert f"skipped {len(BAD_LINES)} malformed lines" in out
@@ -257,11 +315,26 @@ def test_sigterm_mid_run_leaves_no_files(sp_model, texts, tmp_path):
     data = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in texts] * 100)
     out = tmp_path / "out"
     out.mkdir()
-    cmd = [sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", str(data), "--output-prefix",
-           str(out / "ds"), "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", sp_model,
-           "--workers", "2", "--log-interval", "10", "--append-eod"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    cmd = [
+        sys.executable,
+        str(REPO / "tools" / "preprocess_data.py"),
+        "--input",
+        str(data),
+        "--output-prefix",
+        str(out / "ds"),
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        sp_model,
+        "--workers",
+        "2",
+        "--log-interval",
+        "10",
+        "--append-eod",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
     try:
         first = proc.stderr.readline()  # the first progress line: the run is under way
         while first and not first.startswith("processed"):
@@ -294,10 +367,11 @@ def test_gpt_dataset_blends_two_outputs_with_a_split(sp_model, corpus_dir, tmp_p
     BlendedMegatronDatasetBuilder (through megatron_let.data): every sample is made of pieces of
     the right documents, and the blend draws from each about as asked."""
     import sentencepiece
-    from conftest import tiny_config, write_config
 
-    from megatron_let.run_config import load_run_config as load_config
     from megatron_let.data import build_datasets
+    from megatron_let.run_config import load_run_config as load_config
+
+    from conftest import tiny_config, write_config
 
     sp = sentencepiece.SentencePieceProcessor(model_file=sp_model)
     records = [json.loads(line) for line in (corpus_dir / "train.jsonl").read_text().splitlines()]
@@ -308,12 +382,19 @@ def test_gpt_dataset_blends_two_outputs_with_a_split(sp_model, corpus_dir, tmp_p
         tok = build_tokenizer("SentencePieceTokenizer", sp_model)
         preprocess(str(data), str(tmp_path / source), tok, append_eod=True)
         prefixes[source] = output_prefixes(str(tmp_path / source), ["text"])["text"]
-        references[source] = b"".join(np.asarray(sp.encode(r["text"]) + [sp.eos_id()], np.uint16).tobytes()
-                                      for r in docs)
-    cfg_dict = tiny_config(Path(prefixes["brown"]), teacher=None,
-                           model={"vocab_size": SP_VOCAB},
-                           data={"data_path": ["0.7", prefixes["brown"], "0.3", prefixes["shakespeare"]],
-                                 "split": "80,10,10", "eod_token_id": sp.eos_id()})
+        references[source] = b"".join(
+            np.asarray(sp.encode(r["text"]) + [sp.eos_id()], np.uint16).tobytes() for r in docs
+        )
+    cfg_dict = tiny_config(
+        Path(prefixes["brown"]),
+        teacher=None,
+        model={"vocab_size": SP_VOCAB},
+        data={
+            "data_path": ["0.7", prefixes["brown"], "0.3", prefixes["shakespeare"]],
+            "split": "80,10,10",
+            "eod_token_id": sp.eos_id(),
+        },
+    )
     cfg = load_config(write_config(tmp_path / "run.yaml", cfg_dict))
     train, valid, test = build_datasets(cfg, (200, 20, 20))
     assert valid is not None and test is not None
@@ -345,7 +426,7 @@ def test_sentencepiece_training_is_deterministic_and_lossless(corpus_dir, sp_mod
 
     again = train_sentencepiece(str(corpus_dir / "train.jsonl"), str(tmp_path / "again"), vocab_size=SP_VOCAB)
     assert Path(again["model"]).read_bytes() == Path(sp_model).read_bytes()
-    assert Path(again["vocab"]).read_bytes() == Path(sp_model[:-len(".model")] + ".vocab").read_bytes()
+    assert Path(again["vocab"]).read_bytes() == Path(sp_model[: -len(".model")] + ".vocab").read_bytes()
     assert files_in(tmp_path) == ["again.model", "again.vocab"]
     sp = sentencepiece.SentencePieceProcessor(model_file=again["model"])
     assert sp.get_piece_size() == SP_VOCAB and again["eod_id"] == sp.eos_id() == SP_VOCAB - 1
@@ -364,17 +445,44 @@ def test_flag_errors_name_the_flag(gpt2_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "in.jsonl", [{"text": "hello"}])
     cases = [
         (["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", str(gpt2_dir / "encoder.json")], "--merge-file"),
-        (["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(tmp_path / "nope.model")],
-         "--tokenizer-model"),
-        (["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", str(gpt2_dir / "encoder.json"), "--merge-file",
-          str(gpt2_dir / "vocab.bpe"), "--workers", "0"], "--workers"),
+        (
+            ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(tmp_path / "nope.model")],
+            "--tokenizer-model",
+        ),
+        (
+            [
+                "--tokenizer-type",
+                "GPT2BPETokenizer",
+                "--vocab-file",
+                str(gpt2_dir / "encoder.json"),
+                "--merge-file",
+                str(gpt2_dir / "vocab.bpe"),
+                "--workers",
+                "0",
+            ],
+            "--workers",
+        ),
     ]
     for extra, flag in cases:
         assert main(["--input", str(data), "--output-prefix", str(tmp_path / "o")] + extra) == 1
         assert flag in capsys.readouterr().err
-    assert main(["--input", str(tmp_path / "*.missing"), "--output-prefix", str(tmp_path / "o"),
-                 "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", str(gpt2_dir / "encoder.json"),
-                 "--merge-file", str(gpt2_dir / "vocab.bpe")]) == 1
+    assert (
+        main(
+            [
+                "--input",
+                str(tmp_path / "*.missing"),
+                "--output-prefix",
+                str(tmp_path / "o"),
+                "--tokenizer-type",
+                "GPT2BPETokenizer",
+                "--vocab-file",
+                str(gpt2_dir / "encoder.json"),
+                "--merge-file",
+                str(gpt2_dir / "vocab.bpe"),
+            ]
+        )
+        == 1
+    )
     assert "--input" in capsys.readouterr().err
     assert files_in(tmp_path) == ["in.jsonl"]
     with pytest.raises(PreprocessError, match="--tokenizer-type"):
@@ -393,8 +501,15 @@ CLI_ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
 def run_entry(entry, args, **kwargs):
-    return subprocess.run(ENTRY_POINTS[entry] + [str(a) for a in args], cwd=REPO, env=CLI_ENV,
-                          capture_output=True, text=True, timeout=300, **kwargs)
+    return subprocess.run(
+        ENTRY_POINTS[entry] + [str(a) for a in args],
+        cwd=REPO,
+        env=CLI_ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kwargs,
+    )
 
 
 def jsonl_lines(*records):
@@ -405,6 +520,7 @@ def jsonl_lines(*records):
 # Each case: (tmp directory, real texts, tokenizer model) → (input files, extra flags, what the
 # message must name).
 # The output prefix is <tmp>/out/ds unless the case gives --output-prefix itself.
+
 
 def case_empty_file(tmp, texts, sp_model):
     (tmp / "empty.jsonl").write_bytes(b"")
@@ -429,13 +545,17 @@ def case_one_key_empty(tmp, texts, sp_model):
 
 def case_all_lines_skipped(tmp, texts, sp_model):
     (tmp / "in.jsonl").write_bytes(jsonl_lines(*({"body": t} for t in texts[:3])))
-    return [tmp / "in.jsonl"], ["--skip-bad-lines"], [str(tmp / "in.jsonl"), "all 3 non-blank lines are malformed",
-                                                       f"{tmp / 'in.jsonl'}:1: missing key 'text'"]
+    return (
+        [tmp / "in.jsonl"],
+        ["--skip-bad-lines"],
+        [str(tmp / "in.jsonl"), "all 3 non-blank lines are malformed", f"{tmp / 'in.jsonl'}:1: missing key 'text'"],
+    )
 
 
 def case_invalid_json(tmp, texts, sp_model):
-    (tmp / "in.jsonl").write_bytes(jsonl_lines({"text": texts[0]}, json.dumps({"text": texts[1]})[:-9].encode(),
-                                               {"text": texts[2]}))
+    (tmp / "in.jsonl").write_bytes(
+        jsonl_lines({"text": texts[0]}, json.dumps({"text": texts[1]})[:-9].encode(), {"text": texts[2]})
+    )
     return [tmp / "in.jsonl"], ["--workers", "2"], [f"{tmp / 'in.jsonl'}:2: invalid JSON"]
 
 
@@ -452,8 +572,11 @@ def case_missing_key(tmp, texts, sp_model):
 
 def case_missing_second_key(tmp, texts, sp_model):
     (tmp / "in.jsonl").write_bytes(jsonl_lines({"text": texts[0], "title": "a"}, {"text": texts[1]}))
-    return [tmp / "in.jsonl"], ["--json-keys", "text", "title", "--workers", "2"], \
-        [f"{tmp / 'in.jsonl'}:2: missing key 'title'", "--json-keys"]
+    return (
+        [tmp / "in.jsonl"],
+        ["--json-keys", "text", "title", "--workers", "2"],
+        [f"{tmp / 'in.jsonl'}:2: missing key 'title'", "--json-keys"],
+    )
 
 
 def case_utf16_file(tmp, texts, sp_model):  # saved as "Unicode" by a Windows editor
@@ -462,8 +585,9 @@ def case_utf16_file(tmp, texts, sp_model):  # saved as "Unicode" by a Windows ed
 
 
 def case_latin1_line(tmp, texts, sp_model):
-    lines = [{"text": t} for t in texts[:2]] + [json.dumps({"text": texts[2] + " café"}, ensure_ascii=False)
-                                                .encode("latin-1")]
+    lines = [{"text": t} for t in texts[:2]] + [
+        json.dumps({"text": texts[2] + " café"}, ensure_ascii=False).encode("latin-1")
+    ]
     (tmp / "in.jsonl").write_bytes(jsonl_lines(*lines))
     return [tmp / "in.jsonl"], [], [f"{tmp / 'in.jsonl'}:3: not valid UTF-8"]
 
@@ -477,14 +601,21 @@ def case_output_under_a_file(tmp, texts, sp_model):
     (tmp / "in.jsonl").write_bytes(jsonl_lines({"text": texts[0]}))
     (tmp / "out" / "notes.txt").write_text(texts[1])
     prefix = tmp / "out" / "notes.txt" / "ds"
-    return [tmp / "in.jsonl"], ["--output-prefix", prefix], \
-        ["--output-prefix", str(prefix), f"{tmp / 'out' / 'notes.txt'} is a file"]
+    return (
+        [tmp / "in.jsonl"],
+        ["--output-prefix", prefix],
+        ["--output-prefix", str(prefix), f"{tmp / 'out' / 'notes.txt'} is a file"],
+    )
 
 
 def case_existing_output(tmp, texts, sp_model):
     (tmp / "in.jsonl").write_bytes(jsonl_lines(*({"text": t} for t in texts[:3])))
-    preprocess(str(tmp / "in.jsonl"), str(tmp / "out" / "ds"), build_tokenizer("SentencePieceTokenizer", sp_model),
-               log_interval=0)
+    preprocess(
+        str(tmp / "in.jsonl"),
+        str(tmp / "out" / "ds"),
+        build_tokenizer("SentencePieceTokenizer", sp_model),
+        log_interval=0,
+    )
     return [tmp / "in.jsonl"], [], ["--output-prefix", str(tmp / "out" / "ds_text_document.bin"), "--overwrite"]
 
 
@@ -512,8 +643,9 @@ BAD_INPUTS = [  # (case, entry point)
 
 
 def snapshot(directory):
-    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(Path(directory).rglob("*"))
-            if p.is_file()}
+    return {
+        p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(Path(directory).rglob("*")) if p.is_file()
+    }
 
 
 @pytest.mark.parametrize("case, entry", BAD_INPUTS, ids=[c.__name__[5:] for c, _ in BAD_INPUTS])
@@ -528,8 +660,9 @@ def test_bad_input_is_named_and_nothing_is_written(case, entry, sp_model, texts,
     result = run_entry(entry, args + flags)
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr + result.stdout
-    assert result.stderr.startswith("preprocess_data: error: ") and len(result.stderr.strip().splitlines()) == 1, \
+    assert result.stderr.startswith("preprocess_data: error: ") and len(result.stderr.strip().splitlines()) == 1, (
         result.stderr
+    )
     for needle in expected:
         assert needle in result.stderr, (needle, result.stderr)
     assert snapshot(out) == before  # nothing new, nothing half-written, nothing replaced
@@ -555,10 +688,30 @@ def group_members(pgid):
 def start_long_run(data, out, sp_model):
     """The command-line tool on ``data`` with two workers, as the leader of its own process group
     (as a batch job's step is); returns once it has written its first documents."""
-    proc = subprocess.Popen(ENTRY_POINTS["tools"] + [
-        "--input", str(data), "--output-prefix", str(out / "ds"), "--tokenizer-type", "SentencePieceTokenizer",
-        "--tokenizer-model", sp_model, "--workers", "2", "--log-interval", "10", "--append-eod"],
-        cwd=REPO, env=CLI_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        ENTRY_POINTS["tools"]
+        + [
+            "--input",
+            str(data),
+            "--output-prefix",
+            str(out / "ds"),
+            "--tokenizer-type",
+            "SentencePieceTokenizer",
+            "--tokenizer-model",
+            sp_model,
+            "--workers",
+            "2",
+            "--log-interval",
+            "10",
+            "--append-eod",
+        ],
+        cwd=REPO,
+        env=CLI_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     line = proc.stderr.readline()
     while line and not line.startswith("processed"):
         line = proc.stderr.readline()
@@ -618,11 +771,27 @@ def test_sigkill_leftovers_are_removed_by_the_next_run(long_input, sp_model, tex
         if group_members(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
     left = files_in(out)
-    assert left and all(name.startswith(("ds_text_document.bin.tmp-", "ds_text_document.idx.tmp-")) and
-                        name.endswith(f"-{proc.pid}") for name in left), left
+    assert left and all(
+        name.startswith(("ds_text_document.bin.tmp-", "ds_text_document.idx.tmp-")) and name.endswith(f"-{proc.pid}")
+        for name in left
+    ), left
     data = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in texts[:3]])
-    assert main(["--input", str(data), "--output-prefix", str(out / "ds"), "--tokenizer-type",
-                 "SentencePieceTokenizer", "--tokenizer-model", sp_model, "--append-eod"]) == 0
+    assert (
+        main(
+            [
+                "--input",
+                str(data),
+                "--output-prefix",
+                str(out / "ds"),
+                "--tokenizer-type",
+                "SentencePieceTokenizer",
+                "--tokenizer-model",
+                sp_model,
+                "--append-eod",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     for name in left:
         assert f"removed {out / name}, left by an interrupted run (process {proc.pid} is gone)" in err

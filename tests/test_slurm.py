@@ -40,23 +40,56 @@ class Job:
         self.ckpt = tmp_path / name / "ckpt"
         self.logs = tmp_path / name / "logs"
         cfg = tiny_config(
-            data, training={"train_iters": train_iters},
-            parallel={"pipeline_model_parallel_size": 2}, alignment={"stop_step": 50},
-            checkpoint={"save": str(self.ckpt), "load": str(self.ckpt), "save_interval": 20})
+            data,
+            training={"train_iters": train_iters},
+            parallel={"pipeline_model_parallel_size": 2},
+            alignment={"stop_step": 50},
+            checkpoint={"save": str(self.ckpt), "load": str(self.ckpt), "save_interval": 20},
+        )
         self.config = write_config(tmp_path / f"{name}.yaml", cfg)
         env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
         if submit_with_cli:  # megatron-let submit: checks, creates the log directory, runs sbatch
-            result = cluster.run("python", "-m", "megatron_let.cli", "submit", "--config", str(self.config),
-                                 "--nodes", "1", "--ntasks-per-node", "2", "--gpus-per-node", "0",
-                                 "--time", "10", "--log-dir", str(self.logs), "--", "--cpus-per-task=1",
-                                 "--parsable", cwd=REPO, env={**cluster.env, **env}, timeout=120)
+            result = cluster.run(
+                "python",
+                "-m",
+                "megatron_let.cli",
+                "submit",
+                "--config",
+                str(self.config),
+                "--nodes",
+                "1",
+                "--ntasks-per-node",
+                "2",
+                "--gpus-per-node",
+                "0",
+                "--time",
+                "10",
+                "--log-dir",
+                str(self.logs),
+                "--",
+                "--cpus-per-task=1",
+                "--parsable",
+                cwd=REPO,
+                env={**cluster.env, **env},
+                timeout=120,
+            )
             self.id = result.stdout.strip().splitlines()[-1].split(";")[0]
             assert "running: sbatch --nodes=1" in result.stdout
         else:
             self.logs.mkdir(parents=True)
-            self.id = cluster.sbatch([*CPU_TASKS, "--time=10", f"--output={self.logs}/%x-%j.out",
-                                      f"--export=ALL,MEGATRON_LET_LOG_DIR={self.logs}", *sbatch_args,
-                                      SCRIPT, self.config], cwd=REPO, env=env)
+            self.id = cluster.sbatch(
+                [
+                    *CPU_TASKS,
+                    "--time=10",
+                    f"--output={self.logs}/%x-%j.out",
+                    f"--export=ALL,MEGATRON_LET_LOG_DIR={self.logs}",
+                    *sbatch_args,
+                    SCRIPT,
+                    self.config,
+                ],
+                cwd=REPO,
+                env=env,
+            )
 
     @property
     def log(self):
@@ -69,8 +102,10 @@ class Job:
             if condition():
                 return
             time.sleep(0.3)
-        raise AssertionError(f"job {self.name} ({self.id}): no {what} after {timeout}s; state "
-                             f"{self.cluster.job_state(self.id)}\n{self.log[-4000:]}")
+        raise AssertionError(
+            f"job {self.name} ({self.id}): no {what} after {timeout}s; state "
+            f"{self.cluster.job_state(self.id)}\n{self.log[-4000:]}"
+        )
 
     def iteration(self):
         found = records(self.ckpt)
@@ -93,8 +128,9 @@ def test_sbatch_jobs_survive_what_clusters_do(slurm_cluster, tmp_path, token_dat
     # More work than one 1-minute run can do on any machine (2 cores train ~8 iterations/s at best),
     # so the limit is reached at least once; its curve is checked for continuity, the other
     # interrupted jobs' against the uninterrupted one.
-    limited = Job(cluster, tmp_path, token_data, "time_limit", ["--time=1", "--signal=B:USR1@30"],
-                  train_iters=LIMITED_ITERS)
+    limited = Job(
+        cluster, tmp_path, token_data, "time_limit", ["--time=1", "--signal=B:USR1@30"], train_iters=LIMITED_ITERS
+    )
     complete = Job(cluster, tmp_path, token_data, "complete", submit_with_cli=True)
     requeued = Job(cluster, tmp_path, token_data, "requeue")
     signalled = Job(cluster, tmp_path, token_data, "scancel_term")
@@ -114,12 +150,15 @@ def test_sbatch_jobs_survive_what_clusters_do(slurm_cluster, tmp_path, token_dat
                 interrupted_after[job] = job.iteration()
         time.sleep(0.2)
     for job in actions:
-        job.wait_for(lambda: "run 1 on" in job.log, "second run")
+        job.wait_for(lambda: "run 1 on" in job.log, "second run")  # noqa: B023 (called at once)
         stopped_at = int(re.search(r"SIGTERM received: saved at iteration (\d+)", job.log).group(1))
         # Not back to the periodic save: at most the step in flight when the signal came is lost.
         assert stopped_at >= interrupted_after[job], job.name
         assert (job.ckpt / f"iter_{stopped_at:07d}" / ".metadata").exists()
-        job.wait_for(lambda: f"loaded checkpoint {job.ckpt / f'iter_{stopped_at:07d}'}" in job.log, "resume")
+        job.wait_for(
+            lambda: f"loaded checkpoint {job.ckpt / f'iter_{stopped_at:07d}'}" in job.log,  # noqa: B023
+            "resume",
+        )
         summary[job.name] = dict(interrupted_after=interrupted_after[job], saved_at=stopped_at)
     assert "requeueing job" in signalled.log  # the script's own requeue (Slurm's own for `scontrol requeue`)
 
@@ -157,44 +196,108 @@ def test_preprocess_and_export_sbatch_scripts(slurm_cluster, tmp_path, corpus_di
     logs.mkdir()
     env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     tokenizer = ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", sp_model]
-    job = cluster.sbatch(["--cpus-per-task=2", f"--output={logs}/%x-%j.out", REPO / "slurm" / "preprocess.sbatch",
-                          str(corpus_dir / "*.jsonl"), tmp_path / "data" / "corpus", *tokenizer], cwd=REPO, env=env)
+    job = cluster.sbatch(
+        [
+            "--cpus-per-task=2",
+            f"--output={logs}/%x-%j.out",
+            REPO / "slurm" / "preprocess.sbatch",
+            str(corpus_dir / "*.jsonl"),
+            tmp_path / "data" / "corpus",
+            *tokenizer,
+        ],
+        cwd=REPO,
+        env=env,
+    )
     state = cluster.wait(job, timeout=300)
     log = next(logs.glob("*preprocess*.out")).read_text()
     assert state == "COMPLETED", log[-3000:]
-    direct = subprocess.run([sys.executable, "tools/preprocess_data.py", "--input", str(corpus_dir / "*.jsonl"),
-                             "--output-prefix", str(tmp_path / "direct"), "--append-eod", "--workers", "1",
-                             *tokenizer], cwd=REPO, capture_output=True, text=True, env={**os.environ, **env})
+    direct = subprocess.run(
+        [
+            sys.executable,
+            "tools/preprocess_data.py",
+            "--input",
+            str(corpus_dir / "*.jsonl"),
+            "--output-prefix",
+            str(tmp_path / "direct"),
+            "--append-eod",
+            "--workers",
+            "1",
+            *tokenizer,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+    )
     assert direct.returncode == 0, direct.stderr
     for suffix in (".bin", ".idx"):
-        assert (tmp_path / "data" / f"corpus_text_document{suffix}").read_bytes() == \
-            (tmp_path / f"direct_text_document{suffix}").read_bytes()
+        assert (tmp_path / "data" / f"corpus_text_document{suffix}").read_bytes() == (
+            tmp_path / f"direct_text_document{suffix}"
+        ).read_bytes()
     assert "workers 2" in log or "2 workers" in log, log[-2000:]
 
     # Without a tokenizer: refused with the flag named, nothing written.
-    bad = cluster.sbatch(["--cpus-per-task=1", f"--output={logs}/%x-%j.bad", REPO / "slurm" / "preprocess.sbatch",
-                          str(corpus_dir / "*.jsonl"), tmp_path / "nothing" / "corpus"], cwd=REPO, env=env)
+    bad = cluster.sbatch(
+        [
+            "--cpus-per-task=1",
+            f"--output={logs}/%x-%j.bad",
+            REPO / "slurm" / "preprocess.sbatch",
+            str(corpus_dir / "*.jsonl"),
+            tmp_path / "nothing" / "corpus",
+        ],
+        cwd=REPO,
+        env=env,
+    )
     assert cluster.wait(bad, timeout=120) == "FAILED"
     assert "--tokenizer-type" in next(logs.glob("*.bad")).read_text()
     assert not (tmp_path / "nothing").exists()
 
     vocab = SP_VOCAB
     ckpt = tmp_path / "ckpt"
-    cfg = write_config(tmp_path / "run.yaml", tiny_config(
-        tmp_path / "data" / "corpus_text_document", teacher=None, training={"train_iters": 3},
-        model={"vocab_size": vocab}, data={"eod_token_id": None}, checkpoint={"save": str(ckpt)}))
-    torchrun = subprocess.run([sys.executable, "-m", "megatron_let.train", "--config", str(cfg)], cwd=REPO,
-                              capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
+    cfg = write_config(
+        tmp_path / "run.yaml",
+        tiny_config(
+            tmp_path / "data" / "corpus_text_document",
+            teacher=None,
+            training={"train_iters": 3},
+            model={"vocab_size": vocab},
+            data={"eod_token_id": None},
+            checkpoint={"save": str(ckpt)},
+        ),
+    )
+    torchrun = subprocess.run(
+        [sys.executable, "-m", "megatron_let.train", "--config", str(cfg)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=300,
+    )
     assert torchrun.returncode == 0, torchrun.stderr[-3000:]
     hf_dir = tmp_path / "hf"
     tokenizer_dir = tmp_path / "tokenizer"  # the SentencePiece model as a Hugging Face Llama tokenizer
     tokenizer_dir.mkdir()
     shutil.copyfile(sp_model, tokenizer_dir / "tokenizer.model")
     (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
-    job = cluster.sbatch(["--gpus-per-node=0", "--cpus-per-task=2", f"--output={logs}/%x-%j.out",
-                          REPO / "slurm" / "export_hf.sbatch", ckpt, hf_dir, tokenizer_dir], cwd=REPO,
-                         env={**env, "EVAL_DEVICE": "cpu", "EVAL_BATCH_SIZE": "8",
-                              "EVAL_ARGS": "--tasks arc_easy --limit 2", "HF_HUB_OFFLINE": "1"})
+    job = cluster.sbatch(
+        [
+            "--gpus-per-node=0",
+            "--cpus-per-task=2",
+            f"--output={logs}/%x-%j.out",
+            REPO / "slurm" / "export_hf.sbatch",
+            ckpt,
+            hf_dir,
+            tokenizer_dir,
+        ],
+        cwd=REPO,
+        env={
+            **env,
+            "EVAL_DEVICE": "cpu",
+            "EVAL_BATCH_SIZE": "8",
+            "EVAL_ARGS": "--tasks arc_easy --limit 2",
+            "HF_HUB_OFFLINE": "1",
+        },
+    )
     state = cluster.wait(job, timeout=600)
     log = next(logs.glob("*export*.out")).read_text()
     assert state == "COMPLETED", log[-4000:]

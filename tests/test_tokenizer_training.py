@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_preprocess import corpus_dir, texts  # noqa: F401  (fixtures: a small real corpus)
 
 from megatron_let.tokenizer_training import TokenizerTrainingError, main, train_sentencepiece
-from test_preprocess import corpus_dir, texts  # noqa: F401  (fixtures: a small real corpus)
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = {
@@ -26,8 +26,9 @@ LARGEST = re.compile(r"at most (\d+) pieces")
 
 
 def run_entry(entry, args):
-    return subprocess.run(ENTRY_POINTS[entry] + [str(a) for a in args], cwd=REPO, env=CLI_ENV,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        ENTRY_POINTS[entry] + [str(a) for a in args], cwd=REPO, env=CLI_ENV, capture_output=True, text=True, timeout=300
+    )
 
 
 def jsonl(path, *records):
@@ -37,12 +38,14 @@ def jsonl(path, *records):
 
 
 def snapshot(directory):
-    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(Path(directory).rglob("*"))
-            if p.is_file()}
+    return {
+        p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(Path(directory).rglob("*")) if p.is_file()
+    }
 
 
 # Each case: (tmp directory, real documents) → (input, extra flags, what the message must name). The
 # output prefix is <tmp>/out/spm unless the case gives --output-prefix itself.
+
 
 def case_empty_file(tmp, docs):
     path = jsonl(tmp / "empty.jsonl")  # no records: no bytes
@@ -67,8 +70,11 @@ def case_vocab_too_large(tmp, docs):
 
 def case_vocab_too_large_unigram(tmp, docs):
     path = jsonl(tmp / "in.jsonl", *({"text": t} for t in docs[:2]))
-    return path, ["--vocab-size", "30000", "--model-type", "unigram"], \
-        ["--vocab-size 30000", str(path), "at most", "pieces (unigram)"]
+    return (
+        path,
+        ["--vocab-size", "30000", "--model-type", "unigram"],
+        ["--vocab-size 30000", str(path), "at most", "pieces (unigram)"],
+    )
 
 
 def case_vocab_too_small_for_the_characters(tmp, docs):
@@ -87,8 +93,11 @@ def case_missing_key(tmp, docs):
 
 
 def case_latin1_line(tmp, docs):
-    path = jsonl(tmp / "in.jsonl", {"text": docs[0]},
-                 json.dumps({"text": docs[1] + " déjà vu"}, ensure_ascii=False).encode("latin-1"))
+    path = jsonl(
+        tmp / "in.jsonl",
+        {"text": docs[0]},
+        json.dumps({"text": docs[1] + " déjà vu"}, ensure_ascii=False).encode("latin-1"),
+    )
     return path, [], [f"{path}:2: not valid UTF-8"]
 
 
@@ -145,8 +154,9 @@ def test_bad_input_is_named_and_nothing_is_written(case, entry, texts, tmp_path)
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert "INTERNAL" not in result.stderr and ".cc(" not in result.stderr  # no SentencePiece assertion text
-    assert result.stderr.startswith("train_tokenizer: error: ") and len(result.stderr.strip().splitlines()) == 1, \
+    assert result.stderr.startswith("train_tokenizer: error: ") and len(result.stderr.strip().splitlines()) == 1, (
         result.stderr
+    )
     for needle in expected:
         assert needle in result.stderr, (needle, result.stderr)
     assert snapshot(out) == before

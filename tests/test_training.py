@@ -22,9 +22,15 @@ def read_jsonl(path):
 def test_lambda_reaches_zero_at_s_stop_and_teacher_is_released(tmp_path, token_data):
     """PP=2 with layer k on stage 1: only stage 1 holds a teacher; from S_stop on λ = 0 and the
     teacher, its hook and its memory are gone on every rank."""
-    cfg = write_config(tmp_path / "run.yaml", tiny_config(
-        token_data, alignment={"stop_step": 2}, training={"train_iters": 4},
-        parallel={"pipeline_model_parallel_size": 2}))
+    cfg = write_config(
+        tmp_path / "run.yaml",
+        tiny_config(
+            token_data,
+            alignment={"stop_step": 2},
+            training={"train_iters": 4},
+            parallel={"pipeline_model_parallel_size": 2},
+        ),
+    )
     torchrun(2, "tests/harness/schedule_check.py", "--config", str(cfg), "--out", str(tmp_path))
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["owner"] for r in reports] == [False, True]
@@ -44,13 +50,28 @@ def test_resume_continues_the_same_loss_curve(tmp_path, token_data, async_save):
     after the restart), including the held-out evaluation. The resumed run also saves every 2 steps
     keeping the last 2 — with ``async_save`` in the background while it trains on, each checkpoint
     appearing (renamed, tracked) when its write finalizes."""
-    common = dict(alignment={"stop_step": 4}, training={"train_iters": 6, "global_batch_size": 8},
-                  eval={"eval_interval": 3, "eval_iters": 2, "test_at_end": True})
-    straight = write_config(tmp_path / "straight.yaml", tiny_config(
-        token_data, checkpoint={"save": str(tmp_path / "straight")}, **common))
-    resumed = write_config(tmp_path / "resumed.yaml", tiny_config(
-        token_data, checkpoint={"save": str(tmp_path / "resumed"), "load": str(tmp_path / "resumed"),
-                                "save_interval": 2, "keep_last": 2, "async_save": async_save}, **common))
+    common = dict(
+        alignment={"stop_step": 4},
+        training={"train_iters": 6, "global_batch_size": 8},
+        eval={"eval_interval": 3, "eval_iters": 2, "test_at_end": True},
+    )
+    straight = write_config(
+        tmp_path / "straight.yaml", tiny_config(token_data, checkpoint={"save": str(tmp_path / "straight")}, **common)
+    )
+    resumed = write_config(
+        tmp_path / "resumed.yaml",
+        tiny_config(
+            token_data,
+            checkpoint={
+                "save": str(tmp_path / "resumed"),
+                "load": str(tmp_path / "resumed"),
+                "save_interval": 2,
+                "keep_last": 2,
+                "async_save": async_save,
+            },
+            **common,
+        ),
+    )
     torchrun(2, "-m megatron_let.train", "--config", str(straight))
     first = torchrun(2, "-m megatron_let.train", "--config", str(resumed), "--set", "training.exit_interval=3")
     assert "exit interval reached: saved at iteration 3, exiting" in first.stdout
@@ -83,11 +104,19 @@ def test_resume_continues_the_same_loss_curve(tmp_path, token_data, async_save):
 
 
 def test_sigterm_saves_after_the_current_step_and_exits_zero(tmp_path, token_data):
-    cfg = write_config(tmp_path / "run.yaml", tiny_config(
-        token_data, training={"train_iters": 100000}, checkpoint={"save": str(tmp_path / "ckpt")}))
+    cfg = write_config(
+        tmp_path / "run.yaml",
+        tiny_config(token_data, training={"train_iters": 100000}, checkpoint={"save": str(tmp_path / "ckpt")}),
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "megatron_let.train", "--config", str(cfg)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "megatron_let.train", "--config", str(cfg)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
     metrics = tmp_path / "ckpt" / "metrics.jsonl"
     deadline = time.time() + 180
     while time.time() < deadline and (not metrics.exists() or len(read_jsonl(metrics)) < 2):
@@ -106,8 +135,13 @@ def test_cli_reports_config_errors(tmp_path, token_data):
     cfg = tiny_config(token_data)
     cfg["alignment"]["target_layer"] = 9
     path = write_config(tmp_path / "bad.yaml", cfg)
-    result = subprocess.run([sys.executable, "-m", "megatron_let.cli", "train", "--config", str(path)],
-                            capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    result = subprocess.run(
+        [sys.executable, "-m", "megatron_let.cli", "train", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert result.returncode == 2
     assert "alignment.target_layer" in result.stderr and "bad.yaml" in result.stderr
 
@@ -116,10 +150,19 @@ def test_teacher_architecture_comes_from_its_checkpoint(tmp_path, token_data):
     from megatron_let.config import ConfigError
     from megatron_let.run_config import load_run_config as load_config
 
-    teacher = tiny_config(token_data, teacher=None, training={"train_iters": 0},
-                          model={"num_layers": 2, "hidden_size": 48, "num_attention_heads": 3,
-                                 "num_query_groups": None, "normalization": "LayerNorm"},
-                          checkpoint={"save": str(tmp_path / "teacher")})
+    teacher = tiny_config(
+        token_data,
+        teacher=None,
+        training={"train_iters": 0},
+        model={
+            "num_layers": 2,
+            "hidden_size": 48,
+            "num_attention_heads": 3,
+            "num_query_groups": None,
+            "normalization": "LayerNorm",
+        },
+        checkpoint={"save": str(tmp_path / "teacher")},
+    )
     torchrun(1, "-m megatron_let.train", "--config", str(write_config(tmp_path / "t.yaml", teacher)))
     student = tiny_config(token_data)
     student["teacher"] = {"load": str(tmp_path / "teacher")}
@@ -137,16 +180,29 @@ def test_teacher_architecture_comes_from_its_checkpoint(tmp_path, token_data):
 def test_nan_gradients_stop_the_run_by_default(tmp_path, token_data):
     """parallel.check_for_nan_in_loss_and_grad (on, as in Megatron-LM): a NaN gradient stops the
     run in megatron DDP before it reaches the reduction and the weights; off, training goes on."""
-    cfg = write_config(tmp_path / "nan.yaml", tiny_config(
-        token_data, training={"train_iters": 3}, model={"init_method_std": 1.0e30}, optimizer={"clip_grad": 0.0},
-        checkpoint={"save": str(tmp_path / "ckpt")}))
+    cfg = write_config(
+        tmp_path / "nan.yaml",
+        tiny_config(
+            token_data,
+            training={"train_iters": 3},
+            model={"init_method_std": 1.0e30},
+            optimizer={"clip_grad": 0.0},
+            checkpoint={"save": str(tmp_path / "ckpt")},
+        ),
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     run = [sys.executable, "-m", "megatron_let.train", "--config", str(cfg)]
     checked = subprocess.run(run, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert checked.returncode != 0 and "found NaN in local grad norm" in checked.stderr
     assert not (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").exists()
-    unchecked = subprocess.run(run + ["--set", "parallel.check_for_nan_in_loss_and_grad=false"], capture_output=True,
-                               text=True, cwd=REPO, env=env, timeout=300)
+    unchecked = subprocess.run(
+        run + ["--set", "parallel.check_for_nan_in_loss_and_grad=false"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
     assert unchecked.returncode == 0, unchecked.stderr[-3000:]
     first, *later = read_jsonl(tmp_path / "ckpt" / "metrics.jsonl")
     assert math.isnan(first["grad_norm"]) and all(math.isnan(r["lm_loss"]) for r in later)  # the weights got it

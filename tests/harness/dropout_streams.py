@@ -26,8 +26,8 @@ def main():
     from megatron.core import parallel_state, tensor_parallel
 
     from megatron_let import parallel, rng
-    from megatron_let.run_config import load_run_config as load_config
     from megatron_let.model import unwrap
+    from megatron_let.run_config import load_run_config as load_config
     from megatron_let.train import Trainer
 
     trainer = Trainer(load_config(args.config, args.set))
@@ -55,7 +55,9 @@ def main():
         core.eval()
         attention_eval = core(q, k, v, None)
     results = {
-        "attention": attention, "attention_again": attention_again, "attention_eval": attention_eval,
+        "attention": attention,
+        "attention_again": attention_again,
+        "attention_eval": attention_eval,
         "hidden": hidden,
         "mp_states": tensor_parallel.get_cuda_rng_tracker().get_states()["model-parallel-rng"],
         "default_states": torch.get_rng_state(),

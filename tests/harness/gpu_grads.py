@@ -25,7 +25,8 @@ def direct_gradients(trainer, gpt, batches, weight: float):
     captured = {}
     layer = gpt.decoder.layers[trainer.target_layer - 1]
     handle = layer.register_forward_hook(
-        lambda module, inputs, output: captured.__setitem__("h", output[0] if isinstance(output, tuple) else output))
+        lambda module, inputs, output: captured.__setitem__("h", output[0] if isinstance(output, tuple) else output)
+    )
     named = list(gpt.named_parameters())
     total = 0.0
     sums = torch.zeros(4, dtype=torch.float64, device=trainer.device)  # Σ LM, LM tokens, Σ -cos, tokens
@@ -48,8 +49,7 @@ def direct_gradients(trainer, gpt, batches, weight: float):
     grads = torch.autograd.grad(total, [p for _, p in named])
     handle.remove()
     sums = sums.cpu()
-    losses = {"lm_loss": float(sums[0] / sums[1]),
-              "alignment_loss": float(sums[2] / sums[3]) if sums[3] > 0 else None}
+    losses = {"lm_loss": float(sums[0] / sums[1]), "alignment_loss": float(sums[2] / sums[3]) if sums[3] > 0 else None}
     return {name: g.detach().float().cpu().clone() for (name, _), g in zip(named, grads)}, losses
 
 
@@ -63,8 +63,8 @@ def main():
 
     from megatron_let import parallel
     from megatron_let.alignment import alignment_weight
-    from megatron_let.run_config import load_run_config as load_config
     from megatron_let.model import unwrap
+    from megatron_let.run_config import load_run_config as load_config
     from megatron_let.train import Trainer
 
     cfg = load_config(args.config, args.set)

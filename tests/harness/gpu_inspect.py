@@ -14,8 +14,13 @@ import torch.distributed as dist
 
 import harness_args  # tests/harness/, the script's own directory
 
-KERNELS = ("bias_activation_fusion", "bias_dropout_fusion", "apply_rope_fusion", "gradient_accumulation_fusion",
-           "cross_entropy_loss_fusion")
+KERNELS = (
+    "bias_activation_fusion",
+    "bias_dropout_fusion",
+    "apply_rope_fusion",
+    "gradient_accumulation_fusion",
+    "cross_entropy_loss_fusion",
+)
 # The TE spec of megatron-core's GPT layer (get_gpt_layer_with_transformer_engine_spec).
 LINEARS = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
 
@@ -44,8 +49,11 @@ def layer_report(gpt) -> dict:
         entry = {}
         for path, cls in expected.items():
             module = layer.get_submodule(path)
-            entry[path] = {"class": class_name(module), "is_te": isinstance(module, cls),
-                           "fuse_wgrad_accumulation": getattr(module, "fuse_wgrad_accumulation", None)}
+            entry[path] = {
+                "class": class_name(module),
+                "is_te": isinstance(module, cls),
+                "fuse_wgrad_accumulation": getattr(module, "fuse_wgrad_accumulation", None),
+            }
         layers.append(entry)
     final = gpt.decoder.final_layernorm
     return {"layers": layers, "final_layernorm": class_name(final) if final is not None else None}
@@ -55,8 +63,8 @@ def main():
     args = harness_args.parse_args()
 
     from megatron_let import parallel
-    from megatron_let.run_config import load_run_config as load_config
     from megatron_let.model import unwrap
+    from megatron_let.run_config import load_run_config as load_config
     from megatron_let.train import Trainer
 
     trainer = Trainer(load_config(args.config, args.set))
@@ -79,10 +87,20 @@ def main():
         report["teacher_param_dtypes"] = sorted({str(p.dtype) for p in teacher.parameters()})
 
     record = trainer.train_step()
-    report["step"] = {key: record.get(key) for key in ("lm_loss", "alignment_loss", "lambda", "grad_norm",
-                                                       "peak_memory_allocated_gib", "peak_memory_reserved_gib")}
-    report["step"]["finite"] = all(math.isfinite(record[k]) for k in ("lm_loss", "grad_norm")
-                                   if record.get(k) is not None)
+    report["step"] = {
+        key: record.get(key)
+        for key in (
+            "lm_loss",
+            "alignment_loss",
+            "lambda",
+            "grad_norm",
+            "peak_memory_allocated_gib",
+            "peak_memory_reserved_gib",
+        )
+    }
+    report["step"]["finite"] = all(
+        math.isfinite(record[k]) for k in ("lm_loss", "grad_norm") if record.get(k) is not None
+    )
     # TE's GEMMs (and megatron's ColumnParallelLinear) with fused weight-gradient accumulation write
     # the weight gradient straight into the fp32 main_grad and flag the weight; megatron DDP clears
     # the flag only at the next zero_grad_buffer(). So after a step the flag says which path ran.

@@ -26,8 +26,8 @@ def main():
     from megatron.core import dist_checkpointing, parallel_state
 
     from megatron_let import parallel
-    from megatron_let.run_config import load_run_config as load_config
     from megatron_let.model import unwrap
+    from megatron_let.run_config import load_run_config as load_config
     from megatron_let.train import Trainer
 
     trainer = Trainer(load_config(args.config, args.set))
@@ -50,19 +50,21 @@ def main():
     dist.all_gather(gathered, owner)
     if dist.get_rank() == 0:
         config = trainer.config
-        record.update({
-            "teacher_ranks": [i for i, flag in enumerate(gathered) if flag.item() > 0],
-            "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
-            "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
-            "data_parallel_size": parallel_state.get_data_parallel_world_size(),
-            "owner_stage": list(trainer.owner_stage) if trainer.owner_stage is not None else None,
-            "deallocate_pipeline_outputs": config.deallocate_pipeline_outputs,
-            "recompute_granularity": config.recompute_granularity,
-            "recompute_method": config.recompute_method,
-            "recompute_num_layers": config.recompute_num_layers,
-            "params_dtype": str(config.params_dtype),
-            "use_te": trainer.use_te,
-        })
+        record.update(
+            {
+                "teacher_ranks": [i for i, flag in enumerate(gathered) if flag.item() > 0],
+                "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+                "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
+                "data_parallel_size": parallel_state.get_data_parallel_world_size(),
+                "owner_stage": list(trainer.owner_stage) if trainer.owner_stage is not None else None,
+                "deallocate_pipeline_outputs": config.deallocate_pipeline_outputs,
+                "recompute_granularity": config.recompute_granularity,
+                "recompute_method": config.recompute_method,
+                "recompute_num_layers": config.recompute_num_layers,
+                "params_dtype": str(config.params_dtype),
+                "use_te": trainer.use_te,
+            }
+        )
         (out / "metrics.json").write_text(json.dumps(record))
     trainer.close()
     parallel.shutdown()

@@ -28,8 +28,11 @@ def allocated() -> int:
 
 def describe(model) -> dict:
     params = list(model.parameters())
-    return {"numel": sum(p.numel() for p in params), "dtypes": sorted({str(p.dtype) for p in params}),
-            "devices": sorted({p.device.type for p in params})}
+    return {
+        "numel": sum(p.numel() for p in params),
+        "dtypes": sorted({str(p.dtype) for p in params}),
+        "devices": sorted({p.device.type for p in params}),
+    }
 
 
 def main():
@@ -47,8 +50,14 @@ def main():
 
     # 1. Teacher.release() on a teacher of its own.
     before_build = allocated()
-    teacher = Teacher(cfg.teacher, teacher_layer=trainer.teacher_layer, on_cpu=False, use_te=trainer.use_te,
-                      seed=cfg.training.seed + 1, kernels=trainer.kernels)
+    teacher = Teacher(
+        cfg.teacher,
+        teacher_layer=trainer.teacher_layer,
+        on_cpu=False,
+        use_te=trainer.use_te,
+        seed=cfg.training.seed + 1,
+        kernels=trainer.kernels,
+    )
     seq, batch = cfg.training.seq_length, cfg.training.micro_batch_size
     tokens = torch.randint(0, cfg.model.vocab_size, (batch, seq), device=trainer.device)
     positions = torch.arange(seq, device=trainer.device).unsqueeze(0).expand(batch, seq)
@@ -56,29 +65,47 @@ def main():
     hidden_shape = list(hidden.shape)
     del hidden
     model_ref = weakref.ref(teacher.model)
-    report["standalone"] = {**describe(teacher.model), "hidden_shape": hidden_shape, "before_build": before_build,
-                            "before_release": allocated()}
+    report["standalone"] = {
+        **describe(teacher.model),
+        "hidden_shape": hidden_shape,
+        "before_build": before_build,
+        "before_release": allocated(),
+    }
     teacher.release()
-    report["standalone"].update({"after_release": allocated(), "model_collected": model_ref() is None,
-                                 "has_model_attribute": hasattr(teacher, "model")})
+    report["standalone"].update(
+        {
+            "after_release": allocated(),
+            "model_collected": model_ref() is None,
+            "has_model_attribute": hasattr(teacher, "model"),
+        }
+    )
     del teacher
 
     # 2. The trainer's teacher, after a real step with alignment.
     first = trainer.train_step()
     model_ref = weakref.ref(trainer.teacher.model)
-    report["trainer"] = {**describe(trainer.teacher.model), "first_step_alignment_loss": first["alignment_loss"],
-                         "before_release": allocated()}
+    report["trainer"] = {
+        **describe(trainer.teacher.model),
+        "first_step_alignment_loss": first["alignment_loss"],
+        "before_release": allocated(),
+    }
     trainer._release_teacher()
-    report["trainer"].update({
-        "after_release": allocated(),
-        "model_collected": model_ref() is None,
-        "teacher_is_none": trainer.teacher is None,
-        "hook_is_none": trainer.hook is None,
-    })
+    report["trainer"].update(
+        {
+            "after_release": allocated(),
+            "model_collected": model_ref() is None,
+            "teacher_is_none": trainer.teacher is None,
+            "hook_is_none": trainer.hook is None,
+        }
+    )
     second = trainer.train_step()
-    report["trainer"].update({"second_step_alignment_loss": second["alignment_loss"],
-                              "second_step_lm_loss": second["lm_loss"],
-                              "after_second_step": allocated()})
+    report["trainer"].update(
+        {
+            "second_step_alignment_loss": second["alignment_loss"],
+            "second_step_lm_loss": second["lm_loss"],
+            "after_second_step": allocated(),
+        }
+    )
     Path(args.out).write_text(json.dumps(report, indent=1))
     trainer.close()
     parallel.shutdown()

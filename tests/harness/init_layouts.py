@@ -39,7 +39,8 @@ def weight_pieces(model_chunks) -> dict:
                     continue  # _extra_state objects
                 where = [(s.start, s.stop) if isinstance(s, slice) else int(s) for s in item.global_slice()]
                 pieces.setdefault(item.key, []).append(
-                    (tuple(item.global_shape), where, item.data.detach().float().cpu().clone()))
+                    (tuple(item.global_shape), where, item.data.detach().float().cpu().clone())
+                )
     return pieces
 
 

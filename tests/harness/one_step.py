@@ -29,8 +29,9 @@ def main():
         for param in chunk.parameters():
             param.data.copy_(param.main_grad)
     out = Path(args.out)
-    checkpoint.save_checkpoint(out / "grads", trainer.iteration, trainer.model, None, None,
-                               trainer.consumed_samples, {})
+    checkpoint.save_checkpoint(
+        out / "grads", trainer.iteration, trainer.model, None, None, trainer.consumed_samples, {}
+    )
     owners = torch.tensor([1.0 if trainer.teacher is not None else 0.0])
     gathered = [torch.zeros(1) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, owners)

@@ -20,8 +20,7 @@ import torch.distributed as dist
 import harness_args  # tests/harness/, the script's own directory
 
 
-def saved_activation_bytes(layer, seq: int, micro: int, hidden: int, sequence_parallel: bool, tp: int,
-                           rotary) -> int:
+def saved_activation_bytes(layer, seq: int, micro: int, hidden: int, sequence_parallel: bool, tp: int, rotary) -> int:
     """Bytes of the distinct storages autograd keeps from one forward of ``layer``, its parameters
     excluded (its input, the previous layer's output, included when saved)."""
     params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
@@ -48,8 +47,8 @@ def main():
     from megatron.core import parallel_state
 
     from megatron_let import parallel
-    from megatron_let.run_config import load_run_config as load_config
     from megatron_let.model import unwrap
+    from megatron_let.run_config import load_run_config as load_config
     from megatron_let.train import Trainer
 
     for layout in args.layout:
@@ -61,16 +60,23 @@ def main():
             "pp_rank": parallel_state.get_pipeline_model_parallel_rank(),
             "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
             "target": sum(p.numel() for gpt in gpts for p in gpt.parameters()),
-            "teacher": (sum(p.numel() for p in trainer.teacher.model.parameters())
-                        if trainer.teacher is not None else None),
+            "teacher": (
+                sum(p.numel() for p in trainer.teacher.model.parameters()) if trainer.teacher is not None else None
+            ),
         }
         gpt = gpts[0]
         rotary = gpt.rotary_pos_emb(cfg.training.seq_length) if gpt.position_embedding_type == "rope" else None
         layer = gpt.decoder.layers[0]
         layer.train()
         record["layer_activation_bytes"] = saved_activation_bytes(
-            layer, cfg.training.seq_length, cfg.training.micro_batch_size, cfg.model.hidden_size,
-            cfg.parallel.sequence_parallel, cfg.parallel.tensor_model_parallel_size, rotary)
+            layer,
+            cfg.training.seq_length,
+            cfg.training.micro_batch_size,
+            cfg.model.hidden_size,
+            cfg.parallel.sequence_parallel,
+            cfg.parallel.tensor_model_parallel_size,
+            rotary,
+        )
         out = Path(args.out) / name
         out.mkdir(parents=True, exist_ok=True)
         (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(record))

@@ -20,8 +20,8 @@ def main():
 
     from megatron_let import checkpoint, parallel
     from megatron_let.alignment import alignment_weight, cosine_alignment_loss
-    from megatron_let.run_config import load_run_config as load_config
     from megatron_let.model import unwrap
+    from megatron_let.run_config import load_run_config as load_config
     from megatron_let.train import Trainer
 
     cfg = load_config(args.config, args.set)

@@ -16,20 +16,26 @@ def main():
     args = harness_args.parse_args()
 
     from megatron_let import parallel
-    from megatron_let.run_config import load_run_config as load_config
     from megatron_let.hook import find_layer
+    from megatron_let.run_config import load_run_config as load_config
     from megatron_let.train import Trainer
 
     trainer = Trainer(load_config(args.config, args.set))
     layer = find_layer(trainer.model, trainer.target_layer)
     owner = trainer.teacher is not None
     teacher_ref = weakref.ref(trainer.teacher.model) if owner else None
-    report = {"rank": dist.get_rank(), "owner": owner, "steps": [],
-              "hooks_before": len(layer._forward_hooks) if layer is not None else None}
+    report = {
+        "rank": dist.get_rank(),
+        "owner": owner,
+        "steps": [],
+        "hooks_before": len(layer._forward_hooks) if layer is not None else None,
+    }
     while trainer.iteration < trainer.cfg.training.train_iters:
         record = trainer.train_step()
-        report["steps"].append({key: record[key] for key in ("iteration", "lambda", "alignment_loss", "lm_loss")}
-                               | {"teacher_present": trainer.teacher is not None})
+        report["steps"].append(
+            {key: record[key] for key in ("iteration", "lambda", "alignment_loss", "lm_loss")}
+            | {"teacher_present": trainer.teacher is not None}
+        )
     gc.collect()
     report["hooks_after"] = len(layer._forward_hooks) if layer is not None else None
     report["teacher_memory_freed"] = teacher_ref() is None if owner else None
