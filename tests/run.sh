@@ -16,4 +16,8 @@ if ! command -v npm >/dev/null 2>&1; then
   fi
 fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+# House rules first (pyproject.toml): lint, formatting, types. Each takes seconds.
+python -m ruff check megatron_let tools tests
+python -m ruff format --check megatron_let tools tests
+python -m mypy
 exec python -m pytest -q "$@"

@@ -1,73 +1,121 @@
 """GPT-NeoX (Pythia): LayerNorm with bias, GeLU MLP, biases on linears, partial rotary
-(``rotary_pct``), untied ``embed_out``, and usually the parallel residual
-``x + attn(ln1(x)) + mlp(ln2(x))`` (megatron_let.layers.ParallelResidualTransformerLayer).
+(``partial_rotary_factor``, formerly ``rotary_pct``), untied ``embed_out``, and usually the
+parallel residual ``x + attn(ln1(x)) + mlp(ln2(x))`` (megatron_let.layers.ParallelResidualTransformerLayer).
 
-The fused ``query_key_value`` already holds, per head, [q; k; v]: megatron's layout with one query
-head per group, so it is copied as is.
+The fused ``query_key_value`` holds, per head, [q; k; v]: megatron's layout with one query head
+per group, so it is the same tensor both ways.
 """
 
 from __future__ import annotations
 
-import torch
+from megatron_let.convert.mapping import (
+    PER_HEAD_QKV,
+    TIED,
+    UNTIED,
+    VOCAB,
+    Architecture,
+    Setting,
+    choice,
+    ffn,
+    fixed,
+    hf,
+    inverted,
+    param,
+    plain_heads,
+    required,
+    rope_parameters,
+    rotary_base,
+    same,
+    unsupported,
+    unused,
+    written,
+)
 
-from megatron_let.config import ModelConfig
-from megatron_let.convert.common import HFWeights, rope_settings, rotary_base, unsupported
 
-MODEL_TYPES = ("gpt_neox",)
-BASE_PREFIX = "gpt_neox."
-# Buffers old checkpoints saved: the causal mask, its fill value and RoPE frequencies.
-IGNORED = (r"attention\.bias$", r"attention\.masked_bias$", r"rotary_emb\.inv_freq$")
-
-_ACTIVATIONS = {"gelu": "gelu", "relu": "relu"}
-
-
-def model_config(hf) -> ModelConfig:
-    if hf.hidden_act not in _ACTIVATIONS:
-        raise unsupported(hf, "hidden_act", hf.hidden_act, f"supported: {', '.join(_ACTIVATIONS)}")
-    if not getattr(hf, "attention_bias", True):
-        raise unsupported(hf, "attention_bias", False,
-                          "GPT-NeoX's MLP keeps its biases; megatron's add_bias_linear is all or none")
-    rope = rope_settings(hf)
+def _rope_to_megatron(c) -> dict:
+    rope = rope_parameters(c)
     if rope["rope_type"] != "default":
-        raise unsupported(hf, "rope_type", rope["rope_type"], "GPT-NeoX converts with plain RoPE only")
-    return ModelConfig(
-        num_layers=hf.num_hidden_layers,
-        hidden_size=hf.hidden_size,
-        num_attention_heads=hf.num_attention_heads,
-        ffn_hidden_size=hf.intermediate_size,
-        vocab_size=hf.vocab_size,
-        max_position_embeddings=hf.max_position_embeddings,
-        normalization="LayerNorm",
-        layernorm_epsilon=float(hf.layer_norm_eps),
-        activation=_ACTIVATIONS[hf.hidden_act],
-        position_embedding_type="rope",
-        rotary_base=rotary_base(hf, rope["rope_theta"]),
-        rotary_percent=float(rope["partial_rotary_factor"]),
-        add_bias_linear=True,
-        parallel_residual=bool(hf.use_parallel_residual),
-        untie_embeddings_and_output_weights=not getattr(hf, "tie_word_embeddings", False),
-        init_method_std=float(getattr(hf, "initializer_range", 0.02)),
-    )
+        raise unsupported(c, "rope_type", rope["rope_type"], "GPT-NeoX converts with plain RoPE only")
+    return {"rotary_base": rotary_base(c, rope["rope_theta"]), "rotary_percent": float(rope["partial_rotary_factor"])}
 
 
-def to_megatron(hf, model: ModelConfig, weights: HFWeights) -> dict[str, torch.Tensor]:
-    names = {
-        "input_layernorm": "input_layernorm",
-        "post_attention_layernorm": "pre_mlp_layernorm",
-        "attention.query_key_value": "self_attention.linear_qkv",
-        "attention.dense": "self_attention.linear_proj",
-        "mlp.dense_h_to_4h": "mlp.linear_fc1",
-        "mlp.dense_4h_to_h": "mlp.linear_fc2",
+def _rope_to_hf(m) -> dict:
+    return {
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": float(m.rotary_base),
+            "partial_rotary_factor": float(m.rotary_percent),
+        }
     }
-    state = {"embedding.word_embeddings.weight": weights.take("gpt_neox.embed_in.weight")}
-    for i in range(model.num_layers):
-        for hf_name, name in names.items():
-            for suffix in ("weight", "bias"):
-                state[f"decoder.layers.{i}.{name}.{suffix}"] = weights.take(f"gpt_neox.layers.{i}.{hf_name}.{suffix}")
-    for suffix in ("weight", "bias"):
-        state[f"decoder.final_layernorm.{suffix}"] = weights.take(f"gpt_neox.final_layer_norm.{suffix}")
-    if model.untie_embeddings_and_output_weights:
-        state["output_layer.weight"] = weights.take("embed_out.weight")
-    elif "embed_out.weight" in weights:
-        weights.take("embed_out.weight")
-    return state
+
+
+CONFIG = (
+    fixed("normalization", "LayerNorm"),
+    fixed("position_embedding_type", "rope"),
+    fixed("add_bias_linear", True),
+    fixed("rope_scaling", False),
+    *plain_heads(),
+    required("attention_bias", True, "GPT-NeoX's MLP keeps its biases; megatron's add_bias_linear is all or none"),
+    choice("hidden_act", "activation", {"gelu": "gelu", "relu": "relu"}),
+    same("num_hidden_layers", "num_layers"),
+    same("hidden_size", "hidden_size"),
+    same("num_attention_heads", "num_attention_heads"),
+    ffn("intermediate_size"),
+    same("vocab_size", "vocab_size"),
+    same("max_position_embeddings", "max_position_embeddings"),
+    same("layer_norm_eps", "layernorm_epsilon", float),
+    Setting(("rope_parameters",), ("rotary_base", "rotary_percent"), _rope_to_megatron, _rope_to_hf),
+    same("use_parallel_residual", "parallel_residual", bool),
+    inverted("tie_word_embeddings", "untie_embeddings_and_output_weights", default=False),
+    same("initializer_range", "init_method_std", float),
+    written("hidden_dropout", "hidden_dropout"),
+    written("attention_dropout", "attention_dropout"),
+    unused(
+        "add_qkv_bias",  # biases are everywhere already
+        "rope_scaling_factor",
+        "make_vocab_size_divisible_by",
+    ),
+)
+
+V, H, F = "vocab_size", "hidden_size", "intermediate_size"
+L, M = "gpt_neox.layers.{i}.", "decoder.layers.{i}."
+
+PARAMS = (
+    param("embedding.word_embeddings.weight", hf("gpt_neox.embed_in.weight", V, H), transform=VOCAB),
+    param(M + "input_layernorm.weight", hf(L + "input_layernorm.weight", H)),
+    param(M + "input_layernorm.bias", hf(L + "input_layernorm.bias", H)),
+    param(
+        M + "self_attention.linear_qkv.weight",
+        hf(L + "attention.query_key_value.weight", "3*hidden_size", H),
+        transform=PER_HEAD_QKV,
+    ),
+    param(
+        M + "self_attention.linear_qkv.bias",
+        hf(L + "attention.query_key_value.bias", "3*hidden_size"),
+        transform=PER_HEAD_QKV,
+    ),
+    param(M + "self_attention.linear_proj.weight", hf(L + "attention.dense.weight", H, H)),
+    param(M + "self_attention.linear_proj.bias", hf(L + "attention.dense.bias", H)),
+    param(M + "pre_mlp_layernorm.weight", hf(L + "post_attention_layernorm.weight", H)),
+    param(M + "pre_mlp_layernorm.bias", hf(L + "post_attention_layernorm.bias", H)),
+    param(M + "mlp.linear_fc1.weight", hf(L + "mlp.dense_h_to_4h.weight", F, H)),
+    param(M + "mlp.linear_fc1.bias", hf(L + "mlp.dense_h_to_4h.bias", F)),
+    param(M + "mlp.linear_fc2.weight", hf(L + "mlp.dense_4h_to_h.weight", H, F)),
+    param(M + "mlp.linear_fc2.bias", hf(L + "mlp.dense_4h_to_h.bias", H)),
+    param("decoder.final_layernorm.weight", hf("gpt_neox.final_layer_norm.weight", H)),
+    param("decoder.final_layernorm.bias", hf("gpt_neox.final_layer_norm.bias", H)),
+    param("output_layer.weight", hf("embed_out.weight", V, H), transform=VOCAB, when=UNTIED),
+    param(None, hf("embed_out.weight", V, H), when=TIED),
+)
+
+ARCHITECTURE = Architecture(
+    model_type="gpt_neox",
+    hf_class="GPTNeoXForCausalLM",
+    config_class="GPTNeoXConfig",
+    family="GPT-NeoX-style",
+    base_prefix="gpt_neox.",
+    config=CONFIG,
+    params=PARAMS,
+    # Buffers old checkpoints saved: the causal mask, its fill value and RoPE frequencies.
+    ignored=(r"attention\.bias$", r"attention\.masked_bias$", r"rotary_emb\.inv_freq$"),
+)

@@ -22,15 +22,18 @@ import torch.distributed as dist
 
 from megatron_let.config import LETConfig, ModelConfig, ParallelConfig, to_dict
 from megatron_let.convert.common import ConversionError, full_padded_vocab, load_into, shard_state_dict
-from megatron_let.convert.hf_import import load_hf
+from megatron_let.convert.destination import SOURCE_KEY, check_import_destination, staged
+from megatron_let.convert.hf_import import HFModel, read_hf
 
 logger = logging.getLogger(__name__)
 
 EMBEDDING = "embedding.word_embeddings.weight"
 # Local layer specs name the norms on their own; Transformer Engine specs fuse them into the next
 # linear. A checkpoint written with one loads into the other under these names.
-_TE_NORM_NAMES = {".input_layernorm.": ".self_attention.linear_qkv.layer_norm_",
-                  ".pre_mlp_layernorm.": ".mlp.linear_fc1.layer_norm_"}
+_TE_NORM_NAMES = {
+    ".input_layernorm.": ".self_attention.linear_qkv.layer_norm_",
+    ".pre_mlp_layernorm.": ".mlp.linear_fc1.layer_norm_",
+}
 
 
 def ensure_megatron() -> None:
@@ -67,33 +70,72 @@ def build_model(model: ModelConfig, vocab_rows: int):
     return gpt, padded
 
 
-def import_checkpoint(hf_path: str | Path, out_dir: str | Path, tp: int = 1,
-                      gguf_file: Optional[str] = None) -> Path:
+def import_checkpoint(
+    hf_path: str | Path, out_dir: str | Path, tp: int = 1, gguf_file: Optional[str] = None, overwrite: bool = False
+) -> Path:
     """Hugging Face model → megatron-let checkpoint at iteration 0 (``<out_dir>/iter_0000000``),
     usable as ``teacher.load`` (or ``checkpoint.load``) at tensor parallel size ``tp``.
 
     Saved in one process at TP=1 (dist-checkpointing reshards on load); ``tp`` sets the vocab
     padding. The common state's ``config`` is a full LETConfig dict whose ``model`` section is the
-    converted ModelConfig. Returns the checkpoint directory.
+    converted ModelConfig, plus ``converted_from``: the source, its architecture, the special-token
+    ids it states and the HF rows megatron has no place for (so that an export gives them back).
+    ``out_dir`` must be new or empty, or (with ``overwrite``) a previous import: never a training
+    checkpoint. The checkpoint is written beside it and renamed into place. Returns the checkpoint
+    directory.
     """
-    from megatron_let.checkpoint import save_checkpoint
+    from megatron_let.checkpoint import iteration_dir, save_checkpoint
 
-    model, full = load_hf(hf_path, gguf_file)
+    out = check_import_destination(Path(out_dir), overwrite)
+    hf = read_hf(hf_path, gguf_file)
+    model = hf.model
     groups = model.num_query_groups or model.num_attention_heads
     if tp < 1 or model.num_attention_heads % tp or groups % tp:
-        raise ConversionError(f"--tensor-model-parallel-size {tp} does not divide the model's "
-                              f"{model.num_attention_heads} heads / {groups} query groups")
+        raise ConversionError(
+            f"--tensor-model-parallel-size {tp} does not divide the model's "
+            f"{model.num_attention_heads} heads / {groups} query groups"
+        )
     ensure_megatron()
     gpt, padded = build_model(model, full_padded_vocab(model, tp))
-    load_into(gpt, shard_state_dict(full, padded, 0, 1))
+    load_into(gpt, shard_state_dict(hf.state, padded, 0, 1))
     config = to_dict(LETConfig(model=model, parallel=ParallelConfig(tensor_model_parallel_size=tp)))
-    directory = save_checkpoint(out_dir, 0, [gpt], None, None, 0, config)
+    config[SOURCE_KEY] = source_record(hf, hf_path, gguf_file)
+    with staged(out) as tmp:
+        save_checkpoint(tmp, 0, [gpt], None, None, 0, config)
+    directory = iteration_dir(out, 0)
     logger.info("wrote %s", directory)
     return directory
 
 
-def checkpoint_model_config(ckpt_dir: str | Path) -> tuple[Path, ModelConfig]:
-    """The checkpoint's directory and the ModelConfig stored in its common state."""
+def source_record(hf: HFModel, hf_path, gguf_file: Optional[str]) -> dict:
+    """What an import records about its source (plain data: kept rows as nested lists + dtype)."""
+    return {
+        "format": "huggingface",
+        "path": str(hf_path),
+        "gguf_file": gguf_file,
+        "model_type": hf.architecture.model_type,
+        "token_ids": dict(hf.token_ids),
+        "kept": {
+            name: {"dtype": str(t.dtype).removeprefix("torch."), "rows": t.tolist()} for name, t in hf.kept.items()
+        },
+    }
+
+
+def recorded_source(ckpt_dir: str | Path) -> dict:
+    """The ``converted_from`` record of an imported checkpoint ({} for a training checkpoint),
+    with the kept rows as tensors again."""
+    _, common = _common_state(ckpt_dir)
+    record = (common.get("config") or {}).get(SOURCE_KEY)
+    if not isinstance(record, dict):
+        return {}
+    kept = {}
+    for name, entry in (record.get("kept") or {}).items():
+        kept[name] = torch.tensor(entry["rows"], dtype=getattr(torch, entry["dtype"]))
+    return {**record, "kept": kept}
+
+
+def _common_state(ckpt_dir: str | Path) -> tuple[Path, dict]:
+    """The checkpoint directory a root or ``iter_*`` path names, and its common state."""
     from megatron.core import dist_checkpointing
 
     from megatron_let.checkpoint import resolve_checkpoint
@@ -102,7 +144,20 @@ def checkpoint_model_config(ckpt_dir: str | Path) -> tuple[Path, ModelConfig]:
         directory = resolve_checkpoint(ckpt_dir)
     except (FileNotFoundError, ValueError) as err:
         raise ConversionError(str(err)) from None
-    common = dist_checkpointing.load_common_state_dict(str(directory))
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(directory))
+    except Exception as err:  # noqa: BLE001 - megatron/torch raise many kinds for a damaged checkpoint
+        raise ConversionError(
+            f"{directory}: cannot read the checkpoint's common state (incomplete or corrupt?): {_describe(err)}"
+        ) from None
+    if not isinstance(common, dict):
+        raise ConversionError(f"{directory}: the checkpoint's common state is not a dict")
+    return directory, common
+
+
+def checkpoint_model_config(ckpt_dir: str | Path) -> tuple[Path, ModelConfig]:
+    """The checkpoint's directory and the ModelConfig stored in its common state."""
+    directory, common = _common_state(ckpt_dir)
     section = (common.get("config") or {}).get("model")
     if not isinstance(section, dict):
         raise ConversionError(f"{directory}: no model config in the checkpoint (common state 'config.model')")
@@ -121,7 +176,12 @@ def read_checkpoint(ckpt_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     directory, model = checkpoint_model_config(ckpt_dir)
-    metadata = dist_checkpointing.load_tensors_metadata(str(directory))
+    try:
+        metadata = dist_checkpointing.load_tensors_metadata(str(directory))
+    except Exception as err:  # noqa: BLE001 - as below
+        raise ConversionError(
+            f"{directory}: cannot read the checkpoint's tensor metadata (incomplete or corrupt?): {_describe(err)}"
+        ) from None
     if EMBEDDING not in metadata:
         raise ConversionError(f"{directory}: no {EMBEDDING} in the checkpoint")
     ensure_megatron()
@@ -130,10 +190,38 @@ def read_checkpoint(ckpt_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.
     request = {k: v for k, v in gpt.sharded_state_dict().items() if not isinstance(v, ShardedObject)}
     for tensor in request.values():
         tensor.key = _stored_name(tensor.key, metadata, directory)
-    loaded = dist_checkpointing.load({"model": request}, str(directory))["model"]
+    try:
+        loaded = dist_checkpointing.load({"model": request}, str(directory))["model"]
+    except (Exception, _CheckpointException) as err:  # noqa: BLE001 - a truncated shard, a mismatch, ...
+        raise ConversionError(
+            f"{directory}: cannot read the model weights (incomplete or corrupt checkpoint?): {_describe(err)}"
+        ) from None
     load_into(gpt, loaded)
     state = {k: v.detach().clone() for k, v in gpt.state_dict().items() if not k.endswith("._extra_state")}
     return model, state
+
+
+try:  # torch.distributed.checkpoint wraps each rank's error in it, and it is a BaseException
+    from torch.distributed.checkpoint.api import CheckpointException as _CheckpointException
+except ImportError:  # pragma: no cover - older torch
+
+    class _CheckpointException(Exception):  # type: ignore[no-redef]
+        pass
+
+
+def _describe(err: BaseException) -> str:
+    """One line for an error from reading a checkpoint: torch's CheckpointException carries each
+    rank's exception with its traceback as text; the first rank's exception is what matters."""
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        inner = inner[0] if isinstance(inner, tuple) else inner
+        if isinstance(inner, BaseException):
+            err = inner
+    lines = str(err).strip().splitlines()
+    if lines:
+        return f"{type(err).__name__}: {lines[0][:300]}"
+    return "EOFError: a file ends early (truncated?)" if isinstance(err, EOFError) else type(err).__name__
 
 
 def _stored_name(key: str, metadata: dict, directory: Path) -> str:

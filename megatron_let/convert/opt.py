@@ -1,90 +1,145 @@
 """OPT: learned absolute positions, ReLU MLP, LayerNorm with bias, biases on linears, tied head.
 
-OPT looks positions up at ``position + 2`` (a fairseq padding offset); megatron at ``position``.
-The first two rows of ``embed_positions`` are therefore dropped: megatron row p = OPT row p + 2.
-Post-norm OPT (``do_layer_norm_before=False``, OPT-350m) and projected embeddings
-(``word_embed_proj_dim != hidden_size``) have no megatron equivalent and are refused.
+OPT looks positions up at ``position + 2`` (a fairseq padding offset); megatron at ``position``:
+megatron row p = OPT row p + 2 (``Offset(2)``; an import keeps the two front rows in the
+checkpoint's record so that an export gives them back). Post-norm OPT (``do_layer_norm_before=False``,
+OPT-350m) and projected embeddings (``word_embed_proj_dim != hidden_size``) have no megatron
+equivalent and are refused. OPT's LayerNorm epsilon is torch's default, 1e-5.
 """
 
 from __future__ import annotations
 
-import torch
+from megatron_let.convert.mapping import (
+    BIASES,
+    QKV,
+    TIED,
+    UNTIED,
+    VOCAB,
+    Architecture,
+    Constant,
+    Offset,
+    Setting,
+    choice,
+    ffn,
+    fixed,
+    get,
+    hf,
+    hf_flag,
+    inverted,
+    param,
+    plain_heads,
+    required,
+    same,
+    unsupported,
+    unused,
+    written,
+)
 
-from megatron_let.config import ModelConfig
-from megatron_let.convert.common import ConversionError, HFWeights, fuse_qkv, unsupported
 
-MODEL_TYPES = ("opt",)
-BASE_PREFIX = "model."
-IGNORED = ()
-POSITION_OFFSET = 2
+def _projection_to_megatron(c) -> dict:
+    projection = get(c, "word_embed_proj_dim", c.hidden_size)
+    if projection != c.hidden_size:
+        raise unsupported(
+            c,
+            "word_embed_proj_dim",
+            projection,
+            f"differs from hidden_size={c.hidden_size} (project_in/project_out have no megatron equivalent)",
+        )
+    return {}
 
-_ACTIVATIONS = {"relu": "relu", "gelu": "gelu"}
+
+CONFIG = (
+    fixed("normalization", "LayerNorm"),
+    fixed("position_embedding_type", "learned_absolute"),
+    fixed("parallel_residual", False),
+    fixed("layernorm_epsilon", 1e-5),
+    fixed("add_qkv_bias", False, lambda m: not m.add_qkv_bias or m.add_bias_linear),
+    *plain_heads(),
+    required("do_layer_norm_before", True, "post-norm OPT has no megatron equivalent"),
+    required("_remove_final_layer_norm", False, "megatron always applies a final norm"),
+    Setting(("word_embed_proj_dim",), (), _projection_to_megatron, lambda m: {"word_embed_proj_dim": m.hidden_size}),
+    choice("activation_function", "activation", {"relu": "relu", "gelu": "gelu"}),
+    same("num_hidden_layers", "num_layers"),
+    same("hidden_size", "hidden_size"),
+    same("num_attention_heads", "num_attention_heads"),
+    ffn("ffn_dim"),
+    same("vocab_size", "vocab_size"),
+    same("max_position_embeddings", "max_position_embeddings"),
+    same("enable_bias", "add_bias_linear", bool),
+    # Read on import (a norm without parameters converts as weight 1, bias 0); exports have parameters.
+    Setting(("layer_norm_elementwise_affine",), (), lambda c: {}, lambda m: {"layer_norm_elementwise_affine": True}),
+    inverted("tie_word_embeddings", "untie_embeddings_and_output_weights", default=True),
+    same("init_std", "init_method_std", float),
+    written("dropout", "hidden_dropout"),
+    written("attention_dropout", "attention_dropout"),
+    unused(
+        "rotary_base",
+        "rotary_percent",
+        "rope_scaling",
+        "rope_scaling_factor",  # no RoPE
+        "make_vocab_size_divisible_by",
+    ),
+)
+
+V, H, F = "vocab_size", "hidden_size", "ffn_dim"
+L, M = "model.decoder.layers.{i}.", "decoder.layers.{i}."
+AFFINE, CONSTANT = hf_flag("layer_norm_elementwise_affine"), hf_flag("layer_norm_elementwise_affine", expected=False)
 
 
-def model_config(hf) -> ModelConfig:
-    if not getattr(hf, "do_layer_norm_before", True):
-        raise unsupported(hf, "do_layer_norm_before", False, "post-norm OPT has no megatron equivalent")
-    proj = getattr(hf, "word_embed_proj_dim", None) or hf.hidden_size
-    if proj != hf.hidden_size:
-        raise unsupported(hf, "word_embed_proj_dim", proj,
-                          f"differs from hidden_size={hf.hidden_size} (project_in/project_out have no megatron equivalent)")
-    if getattr(hf, "_remove_final_layer_norm", False):
-        raise unsupported(hf, "_remove_final_layer_norm", True, "megatron always applies a final norm")
-    if hf.activation_function not in _ACTIVATIONS:
-        raise unsupported(hf, "activation_function", hf.activation_function, f"supported: {', '.join(_ACTIVATIONS)}")
-    return ModelConfig(
-        num_layers=hf.num_hidden_layers,
-        hidden_size=hf.hidden_size,
-        num_attention_heads=hf.num_attention_heads,
-        ffn_hidden_size=hf.ffn_dim,
-        vocab_size=hf.vocab_size,
-        max_position_embeddings=hf.max_position_embeddings,
-        normalization="LayerNorm",
-        layernorm_epsilon=1e-5,  # OPT's nn.LayerNorm default
-        activation=_ACTIVATIONS[hf.activation_function],
-        position_embedding_type="learned_absolute",
-        add_bias_linear=bool(getattr(hf, "enable_bias", True)),
-        untie_embeddings_and_output_weights=not getattr(hf, "tie_word_embeddings", True),
-        init_method_std=float(getattr(hf, "init_std", 0.02)),
+def _linear(megatron: str, hf_name: str, *shape: str):
+    return (
+        param(M + megatron + ".weight", hf(L + hf_name + ".weight", *shape)),
+        param(M + megatron + ".bias", hf(L + hf_name + ".bias", shape[0]), when=BIASES),
     )
 
 
-def to_megatron(hf, model: ModelConfig, weights: HFWeights) -> dict[str, torch.Tensor]:
-    affine = getattr(hf, "layer_norm_elementwise_affine", True)
-    h = model.hidden_size
+def _norm(megatron: str, hf_name: str):
+    return (
+        param(megatron + ".weight", hf(hf_name + ".weight", H), when=AFFINE),
+        param(megatron + ".bias", hf(hf_name + ".bias", H), when=AFFINE),
+        param(megatron + ".weight", transform=Constant(1.0), when=CONSTANT),
+        param(megatron + ".bias", transform=Constant(0.0), when=CONSTANT),
+    )
 
-    def norm(hf_name: str, name: str) -> None:
-        if affine:
-            state[name + ".weight"] = weights.take(hf_name + ".weight")
-            state[name + ".bias"] = weights.take(hf_name + ".bias")
-        else:  # a LayerNorm without parameters = weight 1, bias 0
-            state[name + ".weight"] = torch.ones(h)
-            state[name + ".bias"] = torch.zeros(h)
 
-    positions = weights.take("model.decoder.embed_positions.weight")
-    expected = model.max_position_embeddings + POSITION_OFFSET
-    if positions.shape[0] != expected:
-        raise ConversionError(f"{weights.source}: model.decoder.embed_positions.weight has {positions.shape[0]} rows, "
-                              f"expected max_position_embeddings + {POSITION_OFFSET} = {expected}")
-    state = {
-        "embedding.word_embeddings.weight": weights.take("model.decoder.embed_tokens.weight"),
-        "embedding.position_embeddings.weight": positions[POSITION_OFFSET:],
-    }
-    suffixes = ("weight", "bias") if model.add_bias_linear else ("weight",)
-    for i in range(model.num_layers):
-        hf_layer, layer = f"model.decoder.layers.{i}.", f"decoder.layers.{i}."
-        attn = hf_layer + "self_attn."
-        for suffix in suffixes:
-            state[layer + f"self_attention.linear_qkv.{suffix}"] = fuse_qkv(
-                *(weights.take(f"{attn}{p}_proj.{suffix}") for p in "qkv"), model.num_attention_heads)
-            state[layer + f"self_attention.linear_proj.{suffix}"] = weights.take(f"{attn}out_proj.{suffix}")
-            state[layer + f"mlp.linear_fc1.{suffix}"] = weights.take(f"{hf_layer}fc1.{suffix}")
-            state[layer + f"mlp.linear_fc2.{suffix}"] = weights.take(f"{hf_layer}fc2.{suffix}")
-        norm(hf_layer + "self_attn_layer_norm", layer + "input_layernorm")
-        norm(hf_layer + "final_layer_norm", layer + "pre_mlp_layernorm")
-    norm("model.decoder.final_layer_norm", "decoder.final_layernorm")
-    if model.untie_embeddings_and_output_weights:
-        state["output_layer.weight"] = weights.take("lm_head.weight")
-    elif "lm_head.weight" in weights:
-        weights.take("lm_head.weight")
-    return state
+PARAMS = (
+    param("embedding.word_embeddings.weight", hf("model.decoder.embed_tokens.weight", V, H), transform=VOCAB),
+    param(
+        "embedding.position_embeddings.weight",
+        hf("model.decoder.embed_positions.weight", "max_position_embeddings+2", H),
+        transform=Offset(2),
+    ),
+    *_norm(M + "input_layernorm", L + "self_attn_layer_norm"),
+    param(
+        M + "self_attention.linear_qkv.weight",
+        hf(L + "self_attn.q_proj.weight", H, H),
+        hf(L + "self_attn.k_proj.weight", H, H),
+        hf(L + "self_attn.v_proj.weight", H, H),
+        transform=QKV,
+    ),
+    param(
+        M + "self_attention.linear_qkv.bias",
+        hf(L + "self_attn.q_proj.bias", H),
+        hf(L + "self_attn.k_proj.bias", H),
+        hf(L + "self_attn.v_proj.bias", H),
+        transform=QKV,
+        when=BIASES,
+    ),
+    *_linear("self_attention.linear_proj", "self_attn.out_proj", H, H),
+    *_norm(M + "pre_mlp_layernorm", L + "final_layer_norm"),
+    *_linear("mlp.linear_fc1", "fc1", F, H),
+    *_linear("mlp.linear_fc2", "fc2", H, F),
+    *_norm("decoder.final_layernorm", "model.decoder.final_layer_norm"),
+    param("output_layer.weight", hf("lm_head.weight", V, H), transform=VOCAB, when=UNTIED),
+    param(None, hf("lm_head.weight", V, H), when=TIED),
+)
+
+ARCHITECTURE = Architecture(
+    model_type="opt",
+    hf_class="OPTForCausalLM",
+    config_class="OPTConfig",
+    family="OPT-style",
+    base_prefix="model.",
+    config=CONFIG,
+    params=PARAMS,
+)

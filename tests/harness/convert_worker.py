@@ -8,10 +8,12 @@ JOBS.json is a list of jobs, run in order; each job is a dict with a "kind":
 * cli          {argv}: ``megatron_let.convert.main(argv)`` (import/export at TP=1).
 * ckpt_logits  {ckpt, tokens, out}: build the checkpoint's model at this TP, load it as a teacher
                is loaded (checkpoint.load_model_weights), save logits/hidden like hf_logits.
-* random_ckpt  {model, out, tokens, logits_out, shards_out, pp?}: a randomly initialised model saved
-               as a training checkpoint at iteration 7 (with ``pp``: TP=1 × PP=pp instead of TP=world);
-               its logits (PP=1 only); each rank's state dict, layers numbered globally, to
-               ``shards_out`` with ``{rank}`` filled in.
+* random_ckpt  {model, out, tokens, logits_out?, shards_out?, pp?, randomise?}: a randomly initialised
+               model saved as a training checkpoint at iteration 7 (with ``pp``: TP=1 × PP=pp instead
+               of TP=world); its logits (PP=1 only); each rank's state dict, layers numbered globally,
+               to ``shards_out`` with ``{rank}`` filled in. ``randomise``: every parameter drawn
+               around 0 (norm weights around 1) instead of megatron's init (zero biases, unit norms
+               would hide a swapped bias or norm), the same on every rank that holds a replica.
 * read_ckpt    {ckpt, out}: read_checkpoint (TP=PP=1) → (ModelConfig dict, state dict) to ``out``.
 """
 
@@ -21,6 +23,7 @@ import os
 import re
 import sys
 import time
+import zlib
 
 import torch
 import torch.distributed as dist
@@ -40,8 +43,11 @@ def main():
         os.environ.setdefault("MASTER_PORT", sys.argv[2] if len(sys.argv) > 2 else "29511")
 
     def layout(tp: int, pp: int) -> None:
-        parallel.init_distributed(LETConfig(device="cpu", parallel=ParallelConfig(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)))
+        parallel.init_distributed(
+            LETConfig(
+                device="cpu", parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+            )
+        )
 
     layout(world, 1)
     rank = parallel_state.get_tensor_model_parallel_rank()
@@ -49,9 +55,14 @@ def main():
     def build(model: ModelConfig, pp: int = 1):
         tp = world // pp
         config = transformer_config(model, tensor_parallel=tp, pipeline_parallel=pp, on_cpu=True)
-        gpt = build_gpt(model, config, use_te=False, tensor_parallel=tp,
-                        pre_process=parallel_state.is_pipeline_first_stage(),
-                        post_process=parallel_state.is_pipeline_last_stage())
+        gpt = build_gpt(
+            model,
+            config,
+            use_te=False,
+            tensor_parallel=tp,
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
+        )
         return gpt.eval()
 
     def run(gpt, tokens_path: str, vocab: int) -> dict:
@@ -65,6 +76,17 @@ def main():
         parts = [torch.empty_like(logits) for _ in range(world)]
         dist.all_gather(parts, logits.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
         return {"logits": torch.cat(parts, dim=-1)[..., :vocab], "hidden": captured["hidden"].transpose(0, 1)}
+
+    def randomise(gpt) -> None:
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        with torch.no_grad():
+            for name, param in gpt.named_parameters():
+                sharded = getattr(param, "tensor_model_parallel", False)
+                seed = zlib.crc32(name.encode()) + 1000 * pp_rank + (100_000 * (tp_rank + 1) if sharded else 0)
+                gen = torch.Generator().manual_seed(seed)
+                mean = 1.0 if param.dim() == 1 and "norm" in name and name.endswith("weight") else 0.0
+                param.copy_(mean + 0.1 * torch.randn(param.shape, generator=gen))
 
     def save(obj, path: str) -> None:
         if dist.get_rank() == 0:
@@ -91,15 +113,27 @@ def main():
             if pp > 1:
                 layout(world // pp, pp)
             gpt = build(model, pp)
-            config = to_dict(LETConfig(model=model, parallel=ParallelConfig(
-                tensor_model_parallel_size=world // pp, pipeline_model_parallel_size=pp)))
+            if job.get("randomise"):
+                randomise(gpt)
+            config = to_dict(
+                LETConfig(
+                    model=model,
+                    parallel=ParallelConfig(tensor_model_parallel_size=world // pp, pipeline_model_parallel_size=pp),
+                )
+            )
             checkpoint.save_checkpoint(job["out"], 7, [gpt], None, None, 0, config)
-            if pp == 1:
+            if pp == 1 and "logits_out" in job:
                 save(run(gpt, job["tokens"], model.vocab_size), job["logits_out"])
             offset = parallel_state.get_pipeline_model_parallel_rank() * (model.num_layers // pp)
-            shard = {re.sub(r"^decoder\.layers\.(\d+)\.", lambda m: f"decoder.layers.{int(m[1]) + offset}.", k): v
-                     for k, v in gpt.state_dict().items() if not k.endswith("_extra_state")}
-            torch.save(shard, job["shards_out"].format(rank=dist.get_rank()))
+            shard = {
+                re.sub(
+                    r"^decoder\.layers\.(\d+)\.", lambda m, offset=offset: f"decoder.layers.{int(m[1]) + offset}.", k
+                ): v
+                for k, v in gpt.state_dict().items()
+                if not k.endswith("_extra_state")
+            }
+            if "shards_out" in job:
+                torch.save(shard, job["shards_out"].format(rank=dist.get_rank()))
             if pp > 1:
                 layout(world, 1)
         elif kind == "read_ckpt":
