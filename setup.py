@@ -16,7 +16,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_let", "megatron_let.*"]),
     install_requires=[
-        # Tested with 0.16.1; megatron_let.cpu and checkpoint code touch its internals.
+        # Tested with 0.16.1; megatron_let.platform.cpu and checkpoint code touch its internals.
         "megatron-core>=0.16.1,<0.17",
         "torch>=2.6",
         "numpy",

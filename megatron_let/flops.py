@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_let.config import ModelConfig
-from megatron_let.model import count_parameters, padded_vocab_size
+from megatron_let.model.gpt import count_parameters, padded_vocab_size
 
 
 def _attention_dim(model: ModelConfig) -> int:

@@ -31,7 +31,7 @@ def load_run_config(path: Optional[str | Path] = None, overrides: Optional[list[
 
 def resolve_teacher_model(teacher: TeacherConfig, where=lambda key: "config") -> None:
     """Fill teacher.model from its checkpoint (or Hugging Face config), or check they agree."""
-    from megatron_let.checkpoint import has_checkpoint
+    from megatron_let.training.checkpoint import has_checkpoint
 
     if teacher.hf_path is not None and not (teacher.load and has_checkpoint(teacher.load)):
         from_hf = hf_model_config(teacher, where)
@@ -52,7 +52,7 @@ def resolve_teacher_model(teacher: TeacherConfig, where=lambda key: "config") ->
 
 
 def hf_model_config(teacher: TeacherConfig, where) -> ModelConfig:
-    from megatron_let.resources import resolve_model_path
+    from megatron_let.platform.resources import resolve_model_path
 
     try:
         from megatron_let.convert import ConversionError
@@ -70,7 +70,7 @@ def hf_model_config(teacher: TeacherConfig, where) -> ModelConfig:
 
 def checkpoint_model_config(path: str, key: str, where=lambda key: "config") -> dict:
     """The ``model`` section recorded in a megatron-let checkpoint's common state."""
-    from megatron_let.checkpoint import read_common_state
+    from megatron_let.training.checkpoint import read_common_state
 
     try:
         common = read_common_state(path)

@@ -93,3 +93,41 @@ def test_the_cycle_check_finds_a_circle():
 
 def test_config_is_a_leaf():
     assert import_graph()["megatron_let.config"] == set()
+
+
+# The layers, bottom up (docs/ARCHITECTURE.md): a package may import its own layer and those below.
+LAYERS = [
+    {"config"},
+    {"alignment", "platform"},
+    {"model"},
+    {"flops", "data"},
+    {"objectives"},
+    {"training"},
+    {"convert"},
+    {"run_config", "evaluation"},
+    {"apps", "train"},
+    {"cli", "megatron_let"},
+]
+
+
+def part(module: str) -> str:
+    """megatron_let.platform.cpu → platform; megatron_let.config → config; megatron_let → megatron_let."""
+    pieces = module.split(".")
+    return pieces[1] if len(pieces) > 1 else pieces[0]
+
+
+def test_imports_only_go_down_the_layers():
+    level = {name: i for i, layer in enumerate(LAYERS) for name in layer}
+    graph = import_graph()
+    unplaced = sorted({part(m) for m in graph} - level.keys())
+    assert not unplaced, f"place these in LAYERS (and docs/ARCHITECTURE.md): {unplaced}"
+    upward = sorted(f"{m} → {t}" for m, targets in graph.items() for t in targets if level[part(t)] > level[part(m)])
+    assert not upward, "imports going up:\n" + "\n".join(upward)
+
+
+def test_the_architecture_page_names_every_package():
+    page = (REPO / "docs" / "ARCHITECTURE.md").read_text()
+    packages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists() and p.name != "__pycache__"}
+    modules = {p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    missing = sorted(name for name in packages | modules if f"{name}/" not in page and f"{name}.py" not in page)
+    assert not missing, f"docs/ARCHITECTURE.md does not mention: {missing}"

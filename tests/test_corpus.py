@@ -1,6 +1,6 @@
 """The registry-built corpus: real text, deterministic, splits fixed by document id.
 
-References are the package archives themselves, read here independently of megatron_let.corpus.
+References are the package archives themselves, read here independently of megatron_let.data.corpus.
 """
 
 import json
@@ -9,8 +9,8 @@ import tarfile
 
 import pytest
 
-from megatron_let import corpus
-from megatron_let.resources import npm_pack, pip_download
+from megatron_let.data import corpus
+from megatron_let.platform.resources import npm_pack, pip_download
 
 SMALL = dict(sources=("brown", "shakespeare"), valid_fraction=0.2, test_fraction=0.2)
 

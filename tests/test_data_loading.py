@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from megatron_let.data import PretrainingSampler, microbatches
+from megatron_let.data.datasets import PretrainingSampler, microbatches
 
 from conftest import tiny_config, torchrun, write_config
 

@@ -86,7 +86,7 @@ def test_cpu_tracker_forks_megatron_streams_and_round_trips():
     set_tracker_states(tracker_states()) rewinds it."""
     from megatron.core.tensor_parallel import random as megatron_random
 
-    from megatron_let import rng
+    from megatron_let.platform import rng
 
     def stream(seed, n):
         return torch.rand(n, generator=torch.Generator().manual_seed(seed))

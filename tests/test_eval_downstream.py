@@ -20,8 +20,8 @@ from conftest import REPO
 pytest.importorskip("lm_eval", reason="needs lm-eval==0.4.13")
 pytest.importorskip("transformers")
 
-from megatron_let import evaluation  # noqa: E402
-from megatron_let.resources import npm_pack, pip_download  # noqa: E402
+from megatron_let.evaluation import downstream as evaluation  # noqa: E402
+from megatron_let.platform.resources import npm_pack, pip_download  # noqa: E402
 
 LIMIT = 6
 TOOL = REPO / "tools" / "eval_downstream.py"

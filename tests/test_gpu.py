@@ -321,7 +321,7 @@ def test_let_run_releases_teacher_and_memory_at_s_stop(tmp_path, token_data):
     the release lower than during alignment by about the teacher's weights."""
     from megatron_let.alignment import alignment_weight
     from megatron_let.config import ModelConfig
-    from megatron_let.model import count_parameters
+    from megatron_let.model.gpt import count_parameters
 
     train_iters, stop = 24, 12
     path = write_config(

@@ -4,7 +4,7 @@ import pytest
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_let.hook import AlignmentLossScaler, layer_owner
+from megatron_let.objectives.hook import AlignmentLossScaler, layer_owner
 
 
 def config(num_layers, pp, vpp=None, first=None, last=None):

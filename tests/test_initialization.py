@@ -1,5 +1,5 @@
 """A fresh model is the same on every layout: its initial weights are a function of the seed and
-each parameter's global name only (megatron_let/initialization.py), under TP, PP, interleaved PP
+each parameter's global name only (megatron_let/model/initialization.py), under TP, PP, interleaved PP
 and DP alike, and so is the first step's loss.
 
 ``tests/harness/init_layouts.py`` builds the real trainer for several layouts per torchrun launch,
@@ -166,7 +166,7 @@ def test_real_vocabulary_rows_do_not_depend_on_the_padding():
     rows of real tokens stay the same draw, and each TP shard is its slice of the full tensor."""
     from functools import partial
 
-    from megatron_let import initialization
+    from megatron_let.model import initialization
 
     init = partial(torch.nn.init.normal_, mean=0.0, std=0.02)
     with initialization.build_scope(1234):

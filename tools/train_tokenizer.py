@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""Train a SentencePiece tokenizer on JSONL documents; see megatron_let.tokenizer_training."""
+"""Train a SentencePiece tokenizer on JSONL documents; see megatron_let.data.tokenizer_training."""
 
 import sys
 
-from megatron_let.tokenizer_training import main
+from megatron_let.data.tokenizer_training import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,7 +12,7 @@ import logging
 import torch
 
 from megatron_let.config import ModelConfig
-from megatron_let.model import padded_vocab_size
+from megatron_let.model.gpt import padded_vocab_size
 
 logger = logging.getLogger(__name__)
 

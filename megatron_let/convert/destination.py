@@ -16,7 +16,7 @@ from megatron_let.convert.common import ConversionError
 
 logger = logging.getLogger(__name__)
 
-# What interrupted checkpoint saves leave behind (megatron_let.checkpoint): not content.
+# What interrupted checkpoint saves leave behind (megatron_let.training.checkpoint): not content.
 _LEFTOVER_SUFFIXES = (".tmp", ".deleting")
 # In an imported checkpoint's config: where it came from (written by megatron_io.import_checkpoint).
 SOURCE_KEY = "converted_from"
@@ -65,7 +65,7 @@ def _plain(out: Path, flag: str) -> Path:
 def _checkpoint_summary(out: Path) -> Optional[dict]:
     """None when ``out`` holds no megatron-let checkpoint; else what it holds: the iteration,
     whether that is the only checkpoint, and the import record if an import wrote it."""
-    from megatron_let import checkpoint
+    from megatron_let.training import checkpoint
 
     try:
         if not checkpoint.has_checkpoint(out):

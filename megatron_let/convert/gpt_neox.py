@@ -1,6 +1,6 @@
 """GPT-NeoX (Pythia): LayerNorm with bias, GeLU MLP, biases on linears, partial rotary
 (``partial_rotary_factor``, formerly ``rotary_pct``), untied ``embed_out``, and usually the
-parallel residual ``x + attn(ln1(x)) + mlp(ln2(x))`` (megatron_let.layers.ParallelResidualTransformerLayer).
+parallel residual ``x + attn(ln1(x)) + mlp(ln2(x))`` (megatron_let.model.layers.ParallelResidualTransformerLayer).
 
 The fused ``query_key_value`` holds, per head, [q; k; v]: megatron's layout with one query head
 per group, so it is the same tensor both ways.

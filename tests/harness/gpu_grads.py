@@ -61,11 +61,11 @@ def main():
 
     from megatron.core import dist_checkpointing
 
-    from megatron_let import parallel
     from megatron_let.alignment import alignment_weight
-    from megatron_let.model import unwrap
+    from megatron_let.model.gpt import unwrap
+    from megatron_let.platform import distributed as parallel
     from megatron_let.run_config import load_run_config as load_config
-    from megatron_let.train import Trainer
+    from megatron_let.training.trainer import Trainer
 
     cfg = load_config(args.config, args.set)
     trainer = Trainer(cfg)

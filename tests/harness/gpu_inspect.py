@@ -62,10 +62,10 @@ def layer_report(gpt) -> dict:
 def main():
     args = harness_args.parse_args()
 
-    from megatron_let import parallel
-    from megatron_let.model import unwrap
+    from megatron_let.model.gpt import unwrap
+    from megatron_let.platform import distributed as parallel
     from megatron_let.run_config import load_run_config as load_config
-    from megatron_let.train import Trainer
+    from megatron_let.training.trainer import Trainer
 
     trainer = Trainer(load_config(args.config, args.set))
     gpt = unwrap(trainer.model[0])

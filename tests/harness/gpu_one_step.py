@@ -25,10 +25,10 @@ def main():
 
     from megatron.core import dist_checkpointing, parallel_state
 
-    from megatron_let import parallel
-    from megatron_let.model import unwrap
+    from megatron_let.model.gpt import unwrap
+    from megatron_let.platform import distributed as parallel
     from megatron_let.run_config import load_run_config as load_config
-    from megatron_let.train import Trainer
+    from megatron_let.training.trainer import Trainer
 
     trainer = Trainer(load_config(args.config, args.set))
     assert len(trainer.model) == 1, "gpu_one_step.py dumps one model chunk per rank (no virtual pipeline)"

@@ -38,10 +38,10 @@ def describe(model) -> dict:
 def main():
     args = harness_args.parse_args()
 
-    from megatron_let import parallel
+    from megatron_let.objectives.teacher import Teacher
+    from megatron_let.platform import distributed as parallel
     from megatron_let.run_config import load_run_config as load_config
-    from megatron_let.teacher import Teacher
-    from megatron_let.train import Trainer
+    from megatron_let.training.trainer import Trainer
 
     cfg = load_config(args.config, args.set)
     trainer = Trainer(cfg)

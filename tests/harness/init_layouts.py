@@ -24,7 +24,7 @@ def weight_pieces(model_chunks) -> dict:
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
-    from megatron_let.model import unwrap
+    from megatron_let.model.gpt import unwrap
 
     pieces: dict = {}
     for chunk in model_chunks:
@@ -49,9 +49,9 @@ def main():
     parser.add_argument("--layout", action="append", default=[])
     args = parser.parse_args()
 
-    from megatron_let import parallel
+    from megatron_let.platform import distributed as parallel
     from megatron_let.run_config import load_run_config as load_config
-    from megatron_let.train import Trainer
+    from megatron_let.training.trainer import Trainer
 
     for layout in args.layout:
         name, _, overrides = layout.partition(":")

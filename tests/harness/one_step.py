@@ -18,9 +18,10 @@ import harness_args  # tests/harness/, the script's own directory
 def main():
     args = harness_args.parse_args()
 
-    from megatron_let import checkpoint, parallel
+    from megatron_let.platform import distributed as parallel
     from megatron_let.run_config import load_run_config as load_config
-    from megatron_let.train import Trainer
+    from megatron_let.training import checkpoint
+    from megatron_let.training.trainer import Trainer
 
     cfg = load_config(args.config, args.set)
     trainer = Trainer(cfg)

@@ -46,10 +46,10 @@ def main():
 
     from megatron.core import parallel_state
 
-    from megatron_let import parallel
-    from megatron_let.model import unwrap
+    from megatron_let.model.gpt import unwrap
+    from megatron_let.platform import distributed as parallel
     from megatron_let.run_config import load_run_config as load_config
-    from megatron_let.train import Trainer
+    from megatron_let.training.trainer import Trainer
 
     for layout in args.layout:
         name, _, overrides = layout.partition(":")

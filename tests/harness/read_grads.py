@@ -18,11 +18,12 @@ def main():
     parser.add_argument("dumps", nargs="*")
     args = parser.parse_args()
 
-    from megatron_let import checkpoint, parallel
     from megatron_let.alignment import alignment_weight, cosine_alignment_loss
-    from megatron_let.model import unwrap
+    from megatron_let.model.gpt import unwrap
+    from megatron_let.platform import distributed as parallel
     from megatron_let.run_config import load_run_config as load_config
-    from megatron_let.train import Trainer
+    from megatron_let.training import checkpoint
+    from megatron_let.training.trainer import Trainer
 
     cfg = load_config(args.config, args.set)
     trainer = Trainer(cfg)

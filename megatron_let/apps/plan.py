@@ -27,7 +27,7 @@ for one GPU of each pipeline stage, in GiB:
   writes them (2 B in BF16) plus the FP32 copy megatron's vocab-parallel cross-entropy makes and
   keeps (as its softmax) for the backward (4 B).
 * **The teacher**, only on the stage that owns the target's layer k: BF16 weights at the TP it runs at
-  (:func:`megatron_let.teacher.teacher_layout`: sharded over the stage's TP group when its heads,
+  (:func:`megatron_let.objectives.teacher.teacher_layout`: sharded over the stage's TP group when its heads,
   query groups and FFN divide TP, replicated otherwise), no gradients, no optimizer state; its
   forward activations for one microbatch (under ``no_grad``: one layer's working set at a time); and
   the alignment loss's saved FP32 tensors for each microbatch in flight. All of it is freed at S_stop.
@@ -191,7 +191,7 @@ def stage_parameters(
     the word (and learned position) embeddings on the first stage, the final norm and the output
     layer on the last. A tied output layer costs nothing with one stage; with several, megatron keeps
     a copy of the word embeddings on the last stage (kept equal by the embedding group)."""
-    from megatron_let.model import padded_vocab_size
+    from megatron_let.model.gpt import padded_vocab_size
 
     vocab = padded_vocab or padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, tp)
     h = model.hidden_size
@@ -345,7 +345,7 @@ class Run:
 
     @property
     def padded_vocab(self) -> int:
-        from megatron_let.model import padded_vocab_size
+        from megatron_let.model.gpt import padded_vocab_size
 
         return padded_vocab_size(self.model.vocab_size, self.model.make_vocab_size_divisible_by, self.tp)
 
@@ -594,8 +594,8 @@ def estimate(
         )
     teacher = None
     if cfg.teacher is not None and cfg.teacher.model is not None:
-        from megatron_let.model import padded_vocab_size
-        from megatron_let.teacher import teacher_layout
+        from megatron_let.model.gpt import padded_vocab_size
+        from megatron_let.objectives.teacher import teacher_layout
 
         layout = teacher_layout(cfg.teacher, run.tp)
         tmodel = cfg.teacher.model
@@ -860,7 +860,7 @@ def _raw_config(path: str, overrides: list[str]) -> dict:
 
 
 def _pypi_model_cached(spec: str) -> bool:
-    from megatron_let.resources import cache_dir
+    from megatron_let.platform.resources import cache_dir
 
     return (cache_dir() / "pypi-extracted" / spec[len("pypi:") :].replace("==", "-") / ".complete").exists()
 
@@ -868,7 +868,7 @@ def _pypi_model_cached(spec: str) -> bool:
 def load_for_plan(path: str, overrides: list[str], teacher_arch: list[str]) -> tuple[LETConfig, str, list[str]]:
     """(config, where the teacher's architecture came from, notes). The teacher's weights are never
     read; a checkpoint or model missing here leaves the teacher out unless --teacher-arch names it."""
-    from megatron_let.checkpoint import has_checkpoint as _is_checkpoint
+    from megatron_let.training.checkpoint import has_checkpoint as _is_checkpoint
 
     raw = _raw_config(path, overrides)
     teacher = raw.get("teacher")

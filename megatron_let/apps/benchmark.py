@@ -84,7 +84,7 @@ from typing import Optional, Sequence
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 PHASES = ("during", "after", "run_averaged")
 PHASE_TITLES = {
@@ -689,7 +689,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="megatron-let benchmark",
         description="Baseline vs LET step time, throughput and peak memory (the LET paper's Table 4 layout), "
-        "each run a fresh torchrun process group. See megatron_let/benchmark.py for how each "
+        "each run a fresh torchrun process group. See megatron_let/apps/benchmark.py for how each "
         "figure is computed.",
     )
     parser.add_argument(

@@ -4,7 +4,7 @@ They plug into a layer spec in place of ``TransformerLayer`` and keep its submod
 weights, state-dict names and dist-checkpoint keys are those of the stock layer.
 
 * :class:`SeededTransformerLayer`: the stock layer, its weights drawn from a generator seeded by
-  (seed, global layer index), whatever the pipeline layout (see :mod:`megatron_let.initialization`).
+  (seed, global layer index), whatever the pipeline layout (see :mod:`megatron_let.model.initialization`).
 * :class:`ParallelResidualTransformerLayer`: the GPT-NeoX block (seeded the same way).
 """
 
@@ -17,7 +17,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, get_tr
 from megatron.core.utils import deprecate_inference_params, get_pg_rank, make_viewless_tensor
 from torch import Tensor
 
-from megatron_let import initialization
+from megatron_let.model import initialization
 
 
 class SeededTransformerLayer(TransformerLayer):

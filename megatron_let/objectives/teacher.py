@@ -17,9 +17,9 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
 
-from megatron_let import parallel
 from megatron_let.config import TeacherConfig
-from megatron_let.model import Kernels, build_gpt, transformer_config
+from megatron_let.model.gpt import Kernels, build_gpt, transformer_config
+from megatron_let.platform import distributed as parallel
 
 logger = logging.getLogger(__name__)
 

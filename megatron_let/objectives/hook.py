@@ -181,7 +181,7 @@ class AlignmentHook:
 
 def find_layer(model_chunks: list, layer_number: int) -> Optional[torch.nn.Module]:
     """The TransformerLayer with global 1-based ``layer_number`` among this rank's chunks."""
-    from megatron_let.model import unwrap
+    from megatron_let.model.gpt import unwrap
 
     for chunk in model_chunks:
         decoder = getattr(unwrap(chunk), "decoder", None)

@@ -7,19 +7,19 @@ the seed by 100 × pipeline rank, which avoids the copies but makes the model a 
 layout. Here the initial model is the same for every TP × PP × VPP × DP layout:
 
 * every ``TransformerLayer`` is built under a CPU generator seeded from (seed, ``decoder.layers.{i}``),
-  ``i`` its *global* 0-based index (:class:`megatron_let.layers.SeededTransformerLayer`), keeping
+  ``i`` its *global* 0-based index (:class:`megatron_let.model.layers.SeededTransformerLayer`), keeping
   megatron's own distributions (``init_method`` / ``output_layer_init_method``, zero biases, unit
   norms) and draw order;
 * the word embeddings, learned position embeddings and output layer are drawn after construction
   from generators seeded from (seed, their parameter name); rows of the real vocabulary do not
   depend on the TP-dependent vocabulary padding (the padding rows come from a stream of their own);
 * every weight is drawn as the full, unsharded tensor and then split (megatron's
-  ``use_cpu_initialization``, set in :func:`megatron_let.model.transformer_config` on GPU too — see
+  ``use_cpu_initialization``, set in :func:`megatron_let.model.gpt.transformer_config` on GPU too — see
   the comment there), so tensor parallelism does not change it either;
 * the whole build runs inside a fork of the CPU RNG (:func:`build_scope`), so building draws nothing
   from the RNG the training run goes on with: dropout starts from the same state on every layout.
 
-The seed of a build is the one given to :func:`build_scope`; :func:`megatron_let.model.build_gpt`
+The seed of a build is the one given to :func:`build_scope`; :func:`megatron_let.model.gpt.build_gpt`
 passes the seed last given to ``torch.manual_seed`` (``parallel.seed_everything``, or the
 teacher's own seed) unless told otherwise.
 """

@@ -17,11 +17,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from megatron_let.cluster import LOCK_NAME, RunLock, slurm_job_alive
 from megatron_let.config import ConfigError, LETConfig
+from megatron_let.platform.cluster import LOCK_NAME, RunLock, slurm_job_alive
 from megatron_let.run_config import load_run_config
 
-SCRIPT = Path(__file__).resolve().parents[1] / "slurm" / "pretrain_let.sbatch"
+SCRIPT = Path(__file__).resolve().parents[2] / "slurm" / "pretrain_let.sbatch"
 
 
 class SubmitError(RuntimeError):
@@ -46,7 +46,7 @@ def check_data(cfg: LETConfig) -> list[str]:
         return ["data: megatron's mock data"]
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    from megatron_let.data import DataError, check_indexed_dataset
+    from megatron_let.data.datasets import DataError, check_indexed_dataset
 
     notes = []
     for key, prefix in _data_prefixes(cfg):

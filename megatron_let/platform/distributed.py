@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from megatron_let import cluster, cpu
 from megatron_let.config import LETConfig
+from megatron_let.platform import cluster, cpu
 
 logger = logging.getLogger(__name__)
 

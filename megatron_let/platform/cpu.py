@@ -89,10 +89,10 @@ def init_rng(seed: int) -> None:
     every rank (dropout outside tensor-parallel regions), and megatron's RNG tracker with its
     streams as CPU generator states — the model-parallel one seeded ``seed + 2718 + TP rank``, so
     attention dropout (and sequence-parallel dropout) differs per TP rank as megatron intends
-    (:class:`megatron_let.rng.CpuRNGStatesTracker`; call after ``initialize_model_parallel``)."""
+    (:class:`megatron_let.platform.rng.CpuRNGStatesTracker`; call after ``initialize_model_parallel``)."""
     from megatron.core import parallel_state
 
-    from megatron_let.rng import install_cpu_rng_tracker
+    from megatron_let.platform.rng import install_cpu_rng_tracker
 
     torch.manual_seed(seed)
     ranks = {"tp_rank": 0, "ep_rank": 0, "etp_rank": 0}

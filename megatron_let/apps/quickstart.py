@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from megatron_let.config import ModelConfig
-from megatron_let.model import count_parameters
+from megatron_let.model.gpt import count_parameters
 
 
 @dataclass
@@ -86,7 +86,7 @@ def run_tool(module_main, argv: list[str], what: str) -> None:
 
 
 def prepare_data(work: Path, plan: Plan, max_docs) -> tuple[Path, dict]:
-    from megatron_let import corpus, preprocess, tokenizer_training
+    from megatron_let.data import corpus, preprocess, tokenizer_training
 
     corpus_dir = work / "corpus"
     if not (corpus_dir / "test.jsonl").exists():

@@ -1,0 +1,1 @@
+"""Data: megatron indexed datasets and their sampler; preprocessing, corpora, tokenizer training."""

@@ -1,0 +1,1 @@
+"""What a run learns from besides the data: today LET's alignment hook and its colocated teacher."""

@@ -1,0 +1,1 @@
+"""Where the code runs: device and CPU mode, process groups, Slurm, signals, RNG streams, downloads."""
