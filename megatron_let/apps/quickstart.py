@@ -27,6 +27,7 @@ import yaml
 
 from megatron_let.config import ModelConfig
 from megatron_let.model.gpt import count_parameters
+from megatron_let.platform.files import write_text_atomic
 
 
 @dataclass
@@ -196,9 +197,7 @@ def train(name: str, cfg: dict, work: Path) -> dict:
             f"quickstart: training {name} failed (exit {result.returncode}); run the same command again to resume"
         )
     info = {"wall_s": time.time() - start}
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(info))
-    os.replace(tmp, done)
+    write_text_atomic(done, json.dumps(info))
     return info
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from megatron_let.convert.common import ConversionError
+from megatron_let.platform.files import current_umask
 
 logger = logging.getLogger(__name__)
 
@@ -20,12 +21,6 @@ logger = logging.getLogger(__name__)
 _LEFTOVER_SUFFIXES = (".tmp", ".deleting")
 # In an imported checkpoint's config: where it came from (written by megatron_io.import_checkpoint).
 SOURCE_KEY = "converted_from"
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def apply_umask(root: Path) -> None:

@@ -104,10 +104,6 @@ class Teacher:
         self.model.eval()
         self.model.requires_grad_(False)
 
-    @property
-    def hidden_size(self) -> int:
-        return self.cfg.model.hidden_size
-
     @torch.no_grad()
     def hidden_states(
         self, tokens: torch.Tensor, position_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from megatron_let.platform.files import write_text_atomic
+
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".megatron-let.lock"
@@ -168,9 +170,7 @@ class RunLock:
                 ) from None
             if not why.startswith("it is this job's own"):
                 logger.warning("%s: taking over a stale lock (%s)", self.path, why)
-            tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(self.me))
-            os.replace(tmp, self.path)
+            write_text_atomic(self.path, json.dumps(self.me))
             return
         with os.fdopen(fd, "w") as handle:
             handle.write(json.dumps(self.me))

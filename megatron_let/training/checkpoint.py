@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpo
 
 from megatron_let.config import InputError
 from megatron_let.model.gpt import unwrap
+from megatron_let.platform.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -141,9 +142,7 @@ def _delete_checkpoint(directory: Path) -> None:
 
 
 def _write_tracker(root: Path, iteration: int) -> None:
-    tracker_tmp = root / (TRACKER + _TMP)
-    tracker_tmp.write_text(f"{iteration}\n")
-    os.replace(tracker_tmp, root / TRACKER)
+    write_text_atomic(root / TRACKER, f"{iteration}\n")
 
 
 _WRITER_READY = False

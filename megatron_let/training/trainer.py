@@ -54,6 +54,7 @@ from megatron_let.objectives.hook import AlignmentHook, find_layer, layer_owner,
 from megatron_let.objectives.teacher import Teacher
 from megatron_let.platform import cluster, signals
 from megatron_let.platform import distributed as parallel
+from megatron_let.platform.files import write_text_atomic
 from megatron_let.training import checkpoint
 
 logger = logging.getLogger("megatron_let")
@@ -97,9 +98,7 @@ def _truncate_jsonl(path: Path, last_iteration: int) -> set:
             continue
         if record.get("iteration", 0) <= last_iteration:
             kept.append(record)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
     return {_record_key(record) for record in kept}
 
 
@@ -797,10 +796,7 @@ class Trainer:
                 "signal": self.exit_signal,
                 "checkpoint": self.cfg.checkpoint.save,
             }
-            tmp = Path(path).with_name(Path(path).name + ".tmp")
-            tmp.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(state) + "\n")
-            os.replace(tmp, path)
+            write_text_atomic(path, json.dumps(state) + "\n")
         return 0
 
     def close(self) -> None:
