@@ -200,20 +200,23 @@ def microbatches(
         yield {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
+def _broadcast_batch(batch: dict, group, src: int) -> dict:
+    """Broadcast a microbatch's tensors in place from ``src``, in one key order for every rank."""
+    for key in sorted(batch):
+        torch.distributed.broadcast(batch[key], src=src, group=group)
+    return batch
+
+
 def _received_microbatches(template: dict, count: int, device, group, src: int) -> Iterator[dict]:
     """The other tensor-parallel ranks: each microbatch as broadcast by ``src``."""
     for _ in range(count):
         batch = {key: torch.empty(value.shape, dtype=value.dtype, device=device) for key, value in template.items()}
-        for key in sorted(batch):
-            torch.distributed.broadcast(batch[key], src=src, group=group)
-        yield batch
+        yield _broadcast_batch(batch, group, src)
 
 
 def _broadcast_microbatches(batches: Iterator[dict], group, src: int) -> Iterator[dict]:
     for batch in batches:
-        for key in sorted(batch):
-            torch.distributed.broadcast(batch[key], src=src, group=group)
-        yield batch
+        yield _broadcast_batch(batch, group, src)
 
 
 def make_iterator(
