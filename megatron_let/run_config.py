@@ -31,7 +31,7 @@ def load_run_config(path: Optional[str | Path] = None, overrides: Optional[list[
 
 def resolve_teacher_model(teacher: TeacherConfig, where=lambda key: "config") -> None:
     """Fill teacher.model from its checkpoint (or Hugging Face config), or check they agree."""
-    from megatron_let.training.checkpoint import has_checkpoint
+    from megatron_let.checkpoint import has_checkpoint
 
     if teacher.hf_path is not None and not (teacher.load and has_checkpoint(teacher.load)):
         from_hf = hf_model_config(teacher, where)
@@ -63,14 +63,14 @@ def hf_model_config(teacher: TeacherConfig, where) -> ModelConfig:
             f"(pip install 'megatron-let[hf]'): {err}"
         ) from None
     try:
-        return read_hf_config(resolve_model_path(teacher.hf_path), teacher.gguf_file)
+        return read_hf_config(resolve_model_path(str(teacher.hf_path)), teacher.gguf_file)
     except (ConversionError, OSError, RuntimeError) as err:
         raise ConfigError(f"{where('teacher.hf_path')}: teacher.hf_path: {err}") from None
 
 
 def checkpoint_model_config(path: str, key: str, where=lambda key: "config") -> dict:
     """The ``model`` section recorded in a megatron-let checkpoint's common state."""
-    from megatron_let.training.checkpoint import read_common_state
+    from megatron_let.checkpoint import read_common_state
 
     try:
         common = read_common_state(path)

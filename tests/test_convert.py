@@ -248,6 +248,10 @@ def runs(hf_models, tmp_path_factory):
         {"kind": "ckpt_logits", "ckpt": str(out / f"ckpt_{a}"), "tokens": tokens, "out": str(out / f"teacher_{a}.pt")}
         for a in ("llama_gqa_tied", "neox_parallel")
     ]
+    jobs += [
+        {"kind": "hf_teacher", "hf": str(models[a][0]), "tokens": tokens, "out": str(out / f"hf_teacher_{a}.pt")}
+        for a in ("llama_gqa_tied", "neox_parallel")
+    ]
     jobs.append(
         {
             "kind": "random_ckpt",
@@ -334,6 +338,17 @@ def test_logits_match_transformers(hf_models, runs, arch, tp):
     logit_diff, hidden_diff = _max_diff(result, hf_models["models"][arch][1])
     print(f"{arch} TP={tp}: max |Δlogit| {logit_diff:.2e}, max |Δhidden| {hidden_diff:.2e}")
     assert logit_diff < TOLERANCE and hidden_diff < TOLERANCE
+
+
+@pytest.mark.parametrize("arch", ["llama_gqa_tied", "neox_parallel"])
+def test_teacher_reads_hf_path_in_process_at_tp2(hf_models, runs, arch):
+    """teacher.hf_path without a conversion step: the trainer's Teacher reads the Hugging Face files
+    itself (Teacher.load_hugging_face, each TP rank its part); its final hidden state is
+    transformers' ``hidden_states[-1]``."""
+    result = torch.load(runs / f"hf_teacher_{arch}.pt")
+    reference = hf_models["models"][arch][1]["hidden"]
+    assert result["hidden"].shape == reference.shape
+    assert (result["hidden"] - reference).abs().max().item() < TOLERANCE
 
 
 @pytest.mark.parametrize("arch", ["llama_gqa_tied", "neox_parallel"])

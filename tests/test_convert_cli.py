@@ -12,8 +12,11 @@ is set up call the same ``main`` in this process (``in_process``): each CLI star
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -27,8 +30,8 @@ pytest.importorskip("safetensors")
 TOKEN_IDS = {"bos_token_id": 5, "eos_token_id": 6, "pad_token_id": 0}
 
 
-def run_cli(*args: str, env=None, umask=None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``python -m megatron_let.cli convert ARGS`` in a fresh process (no torchrun variables)."""
+def cli_env(env=None) -> dict:
+    """The environment of a CLI process: this one's, without torchrun / Slurm variables."""
     full_env = {
         key: value
         for key, value in os.environ.items()
@@ -36,6 +39,12 @@ def run_cli(*args: str, env=None, umask=None, timeout: int = 600) -> subprocess.
         and key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     }
     full_env.update({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})})
+    return full_env
+
+
+def run_cli(*args: str, env=None, umask=None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m megatron_let.cli convert ARGS`` in a fresh process (no torchrun variables)."""
+    full_env = cli_env(env)
     preexec = (lambda: os.umask(umask)) if umask is not None else None
     return subprocess.run(
         [sys.executable, "-m", "megatron_let.cli", "convert", *map(str, args)],
@@ -305,3 +314,69 @@ def test_export_refuses_an_unknown_checkpoint_and_a_missing_tokenizer(imported, 
         f"--tokenizer-dir {tmp_path / 'no-tokenizer'}",
     )
     assert not (tmp_path / "o").exists()
+
+
+# A conversion killed while it writes (SIGKILL: no handler runs, nothing is cleaned up) leaves its
+# temporary directory beside the destination; the next conversion to that destination removes it.
+STALLED_EXPORT = textwrap.dedent(
+    """
+    import pathlib, sys, time
+    from megatron_let.convert import hf_export
+
+    write = hf_export.save_safetensors
+
+    def write_then_stall(state, out, max_shard_bytes):
+        write(state, out, max_shard_bytes)
+        pathlib.Path(sys.argv[1]).write_text(str(out))  # tell the test: killed mid-write from here on
+        time.sleep(600)
+
+    hf_export.save_safetensors = write_then_stall
+    from megatron_let.convert import main
+
+    sys.exit(main(sys.argv[2:]))
+    """
+)
+
+
+def test_a_killed_export_leaves_a_leftover_that_the_next_run_removes(imported, tmp_path):
+    from megatron_let.platform.files import HOST
+
+    assert_ok(imported["result"])
+    out = tmp_path / "hf"
+    script, marker = tmp_path / "stalled_export.py", tmp_path / "writing"
+    script.write_text(STALLED_EXPORT)
+    log = (tmp_path / "stalled_export.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, str(script), str(marker), "export", "--load", str(imported["out"]), "--output", str(out)],
+        cwd=REPO,
+        env=cli_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            if process.poll() is not None:
+                pytest.fail(f"exit {process.returncode} before writing:\n{Path(log.name).read_text()[-3000:]}")
+            assert time.monotonic() < deadline, "the export did not start writing within 300 s"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        assert process.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        log.close()
+    (leftover,) = _siblings(out)
+    assert Path(marker.read_text()).name == leftover
+    assert leftover.startswith(f".hf.{HOST}-{process.pid}-") and leftover.endswith(".partial")
+    assert (out.parent / leftover / "model.safetensors").is_file()  # killed mid-write, not before
+    assert not out.exists()
+    # A live writer's directory (this process's) is left alone; the dead one's is removed.
+    live = f".hf.{HOST}-{os.getpid()}-0123abcd.partial"
+    (out.parent / live).mkdir()
+    result = run_cli("export", "--load", imported["out"], "--output", out)
+    assert_ok(result)
+    assert f"{leftover}, left by an interrupted run (process {process.pid} is gone)" in result.stderr
+    assert _siblings(out) == [live]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tarfile
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -192,6 +193,31 @@ def test_oe_reconstruction_matches_hf_validation(wheel):
             assert evaluation._question_stem(d["query"]) == ref[key]
             assert d["choices"] == ref["choices"]["text"]
             assert ref["choices"]["label"].index(ref["answerKey"].strip()) == d["gold"]
+
+
+def test_task_yaml_reads_like_lm_eval(tmp_path):
+    """load_task_yaml (lm-eval's YAML rules without its private loader): ``include:`` merged under
+    the file's own keys (``task_list`` not inherited), ``!function`` from a module beside the YAML
+    or an importable one, and lm-eval's own winogrande functions under their package names."""
+    import lm_eval.tasks
+
+    (tmp_path / "helpers.py").write_text("def process(docs):\n    return docs\n")
+    (tmp_path / "base.yaml").write_text(
+        "task: base\noutput_type: multiple_choice\nmetadata: {version: 1.0}\ntask_list: [x]\n"
+    )
+    (tmp_path / "child.yaml").write_text(
+        "include: base.yaml\ntask: child\nprocess_docs: !function helpers.process\ndump: !function json.dumps\n"
+    )
+    cfg = evaluation.load_task_yaml(tmp_path / "child.yaml")
+    assert cfg["task"] == "child" and cfg["output_type"] == "multiple_choice" and cfg["metadata"] == {"version": 1.0}
+    assert "include" not in cfg and "task_list" not in cfg
+    assert cfg["process_docs"]([1]) == [1]
+    assert cfg["dump"] is json.dumps
+    (tmp_path / "cycle.yaml").write_text("include: cycle.yaml\ntask: c\n")
+    with pytest.raises(ValueError, match="include cycle"):
+        evaluation.load_task_yaml(tmp_path / "cycle.yaml")
+    wino = evaluation.load_task_yaml(Path(lm_eval.tasks.__file__).parent / "winogrande" / "default.yaml")
+    assert wino["doc_to_text"].__module__ == "lm_eval.tasks.winogrande.preprocess_winogrande"
 
 
 # --------------------------------------------------------------------------- CLI errors

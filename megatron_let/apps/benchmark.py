@@ -295,8 +295,9 @@ def _fit(xs: Sequence[float], ys: Sequence[Optional[float]]) -> Optional[tuple[f
     """Least-squares (intercept, slope) of y over x; None if any y is missing or x does not vary."""
     if any(y is None for y in ys) or len(set(xs)) < 2:
         return None
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    known = [float(y) for y in ys if y is not None]
+    mx, my = statistics.fmean(xs), statistics.fmean(known)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, known)) / sum((x - mx) ** 2 for x in xs)
     return my - slope * mx, slope
 
 
@@ -801,7 +802,7 @@ def benchmark(args: argparse.Namespace) -> dict:
     for index, run in enumerate(runs, 1):
         execute(args, run, index, len(runs))
 
-    results = []
+    results: list[dict] = []
     for depth in depths:
         mine = [r for r in runs if r.num_layers == depth]
         phases = analyse(

@@ -860,15 +860,15 @@ def _raw_config(path: str, overrides: list[str]) -> dict:
 
 
 def _pypi_model_cached(spec: str) -> bool:
-    from megatron_let.platform.resources import cache_dir
+    from megatron_let.platform.resources import is_cached
 
-    return (cache_dir() / "pypi-extracted" / spec[len("pypi:") :].replace("==", "-") / ".complete").exists()
+    return is_cached("pypi-extracted", spec[len("pypi:") :])
 
 
 def load_for_plan(path: str, overrides: list[str], teacher_arch: list[str]) -> tuple[LETConfig, str, list[str]]:
     """(config, where the teacher's architecture came from, notes). The teacher's weights are never
     read; a checkpoint or model missing here leaves the teacher out unless --teacher-arch names it."""
-    from megatron_let.training.checkpoint import has_checkpoint as _is_checkpoint
+    from megatron_let.checkpoint import has_checkpoint as _is_checkpoint
 
     raw = _raw_config(path, overrides)
     teacher = raw.get("teacher")
@@ -881,7 +881,7 @@ def load_for_plan(path: str, overrides: list[str], teacher_arch: list[str]) -> t
             notes.append("--teacher-arch ignored: the config has no teacher (plain NLL pretraining)")
     elif teacher_arch:
         arch, source = parse_teacher_arch(teacher_arch)
-        given = teacher.get("model") if isinstance(teacher.get("model"), dict) else {}
+        given = teacher["model"] if isinstance(teacher.get("model"), dict) else {}
         extra = drop_weights + ["teacher.model=" + json.dumps({**given, **arch})]
     elif teacher.get("model") is not None:
         source = "teacher.model"

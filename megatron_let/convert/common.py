@@ -11,13 +11,13 @@ import logging
 
 import torch
 
-from megatron_let.config import ModelConfig
+from megatron_let.config import InputError, ModelConfig
 from megatron_let.model.gpt import padded_vocab_size
 
 logger = logging.getLogger(__name__)
 
 
-class ConversionError(ValueError):
+class ConversionError(InputError):
     """A checkpoint cannot be converted. The message names the file and the key or setting."""
 
 

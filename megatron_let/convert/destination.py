@@ -7,17 +7,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator, Optional
 
 from megatron_let.convert.common import ConversionError
-from megatron_let.platform.files import current_umask
+from megatron_let.platform.files import current_umask, staged_directory
 
 logger = logging.getLogger(__name__)
 
-# What interrupted checkpoint saves leave behind (megatron_let.training.checkpoint): not content.
+# What interrupted checkpoint saves leave behind (megatron_let.checkpoint): not content.
 _LEFTOVER_SUFFIXES = (".tmp", ".deleting")
 # In an imported checkpoint's config: where it came from (written by megatron_io.import_checkpoint).
 SOURCE_KEY = "converted_from"
@@ -60,7 +58,7 @@ def _plain(out: Path, flag: str) -> Path:
 def _checkpoint_summary(out: Path) -> Optional[dict]:
     """None when ``out`` holds no megatron-let checkpoint; else what it holds: the iteration,
     whether that is the only checkpoint, and the import record if an import wrote it."""
-    from megatron_let.training import checkpoint
+    from megatron_let import checkpoint
 
     try:
         if not checkpoint.has_checkpoint(out):
@@ -146,21 +144,11 @@ def check_export_destination(out: Path, overwrite: bool, source: Optional[Path] 
 
 @contextlib.contextmanager
 def staged(out: Path) -> Iterator[Path]:
-    """A temporary directory beside ``out`` to write into; on success its modes follow the umask
-    and it replaces ``out`` (an existing ``out`` is renamed away first and then deleted); on
-    failure it is removed and ``out`` is untouched."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
+    """A temporary directory beside ``out`` to write into (``platform.files.staged_directory``);
+    on success its modes follow the umask and it replaces ``out`` (an existing ``out`` is renamed
+    away first and then deleted); on failure it is removed and ``out`` is untouched. What a
+    conversion killed earlier (SIGKILL) left beside ``out`` is removed first, once its process is
+    gone."""
+    with staged_directory(out, replace=True) as tmp:
         yield tmp
         apply_umask(tmp)
-        if out.exists() and any(out.iterdir()):
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".replaced", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)  # replaces an empty directory, too
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

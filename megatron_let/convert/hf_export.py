@@ -51,8 +51,8 @@ def export_checkpoint(
     """A megatron-let checkpoint saved at any TP/PP (read at TP=PP=1 in this process) → a Hugging
     Face directory. ``architecture``: ``llama``, ``gpt_neox`` or ``opt``; default: the one the
     checkpoint was imported from, else the one whose table expresses the model. Returns ``out_dir``."""
+    from megatron_let.checkpoint import TRACKER
     from megatron_let.convert.megatron_io import checkpoint_model_config, read_checkpoint, recorded_source
-    from megatron_let.training.checkpoint import TRACKER
 
     directory, model = checkpoint_model_config(ckpt_dir)
     record = recorded_source(directory)
@@ -82,7 +82,7 @@ def _choose(model: ModelConfig, name: Optional[str], record: dict, source: str) 
         if name not in ARCHITECTURES:
             raise ConversionError(f"--architecture {name!r}: supported: {', '.join(sorted(ARCHITECTURES))}")
         return ARCHITECTURES[name]
-    recorded = ARCHITECTURES.get(record.get("model_type"))
+    recorded = ARCHITECTURES.get(str(record.get("model_type")))
     if recorded is not None and not recorded.problems(model):
         return recorded
     return for_model(model, source)

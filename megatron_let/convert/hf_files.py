@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from megatron_let.convert.common import ConversionError
+from megatron_let.platform.resources import progress
 
 logger = logging.getLogger(__name__)
 
@@ -202,4 +203,7 @@ def save_safetensors(state: dict[str, torch.Tensor], out: Path, max_shard_bytes:
     (huggingface_hub's writer, as transformers' ``save_pretrained`` uses)."""
     from huggingface_hub import save_torch_state_dict
 
-    save_torch_state_dict(state, out, max_shard_size=max_shard_bytes, metadata={"format": "pt"})
+    total = sum(tensor.numel() * tensor.element_size() for tensor in state.values())
+    with progress(total=total, unit="B", unit_scale=True, desc="writing safetensors", leave=False) as bar:
+        save_torch_state_dict(state, out, max_shard_size=max_shard_bytes, metadata={"format": "pt"})
+        bar.update(total)

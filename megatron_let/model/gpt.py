@@ -42,6 +42,23 @@ _ACTIVATIONS = {
 }
 
 
+# Local layer specs name the norms on their own; Transformer Engine's fuse them into the next
+# linear. Checkpoints use TE's names, so one saved with either spec loads into the other.
+TE_NORM_NAMES = {
+    "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+}
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(setting: str, on_cpu: bool) -> str:
+    """``training.precision`` / ``teacher.precision``: "auto" is bf16 on a GPU, fp32 on the CPU."""
+    if setting != "auto":
+        return setting
+    return "fp32" if on_cpu else "bf16"
+
+
 def use_transformer_engine(transformer_impl: str, on_cpu: bool) -> bool:
     """Resolve ``training.transformer_impl``. On a GPU, "auto" means Transformer Engine and a
     missing TE is an error, not a silent fall-back to the (much slower) local layers."""
@@ -319,10 +336,7 @@ def local_layer_spec() -> ModuleSpec:
             mlp_bda=get_bias_dropout_add,
             # Checkpoint under Transformer Engine's names (TE fuses these norms into the next
             # linear), so a checkpoint saved on CPU loads into a TE model on GPU and back.
-            sharded_state_dict_keys_map={
-                "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
-                "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
-            },
+            sharded_state_dict_keys_map=TE_NORM_NAMES,
         ),
     )
 

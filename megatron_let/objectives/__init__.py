@@ -1,1 +1,24 @@
-"""What a run learns from besides the data: today LET's alignment hook and its colocated teacher."""
+"""What a run learns from besides the data. The trainer holds one :class:`Objective`
+(:func:`build_objective` picks it from the config) and calls it at fixed points of a step; it
+knows no method's details.
+
+- :class:`~megatron_let.objectives.base.Objective`: plain next-token prediction (NLL): nothing besides the LM loss.
+- :class:`~megatron_let.objectives.let.LETObjective`: LET's early-layer alignment to a colocated
+  frozen teacher (:mod:`.hook`, :mod:`.teacher`), weighted by λ(step) and released at S_stop.
+"""
+
+from __future__ import annotations
+
+from megatron_let.config import LETConfig
+from megatron_let.objectives.base import Objective
+
+__all__ = ["Objective", "build_objective"]
+
+
+def build_objective(cfg: LETConfig, model: list, *, iteration: int, **build) -> Objective:
+    """The objective the config asks for, built for this rank (``model``: its chunks)."""
+    if cfg.alignment_active:
+        from megatron_let.objectives.let import LETObjective
+
+        return LETObjective(cfg, model, iteration=iteration, **build)
+    return Objective()

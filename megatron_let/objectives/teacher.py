@@ -17,11 +17,18 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
 
-from megatron_let.config import TeacherConfig
-from megatron_let.model.gpt import Kernels, build_gpt, transformer_config
+from megatron_let.config import ModelConfig, TeacherConfig
+from megatron_let.model.gpt import DTYPES, TE_NORM_NAMES, Kernels, build_gpt, resolve_precision, transformer_config
 from megatron_let.platform import distributed as parallel
 
 logger = logging.getLogger(__name__)
+
+
+def teacher_model(cfg: TeacherConfig) -> ModelConfig:
+    """The teacher's architecture (run_config resolves it from teacher.load / hf_path first)."""
+    if cfg.model is None:
+        raise ValueError("teacher.model is not resolved: load the config with megatron_let.run_config.load_run_config")
+    return cfg.model
 
 
 @dataclass
@@ -31,9 +38,10 @@ class TeacherLayout:
 
 
 def teacher_layout(cfg: TeacherConfig, tp: int) -> TeacherLayout:
-    heads = cfg.model.num_attention_heads
-    groups = cfg.model.num_query_groups or heads
-    ffn = cfg.model.ffn_hidden_size or 4 * cfg.model.hidden_size
+    model = teacher_model(cfg)
+    heads = model.num_attention_heads
+    groups = model.num_query_groups or heads
+    ffn = model.ffn_hidden_size or 4 * model.hidden_size
     if tp > 1 and (heads % tp or groups % tp):
         return TeacherLayout(1, f"its {heads} heads / {groups} query groups do not divide TP={tp}")
     if tp > 1 and ffn % tp:
@@ -55,16 +63,14 @@ class Teacher:
         kernels: Optional[Kernels] = None,
     ):
         self.cfg = cfg
+        self.model_config = model = teacher_model(cfg)
         self.teacher_layer = teacher_layer  # None: final hidden state, after the final norm
         tp = parallel_state.get_tensor_model_parallel_world_size()
         self.layout = teacher_layout(cfg, tp)
         if self.layout.replicated_reason:
             logger.warning("teacher replicated on each of the %d TP ranks: %s", tp, self.layout.replicated_reason)
         kernels = kernels or Kernels()
-        precision = cfg.precision
-        if precision == "auto":
-            precision = "fp32" if on_cpu else "bf16"
-        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.dtype = DTYPES[resolve_precision(cfg.precision, on_cpu)]
 
         pgs = ProcessGroupCollection.use_mpu_process_groups(["tp", "pp", "cp", "embd", "pos_embd", "tp_cp", "mp"])
         own = parallel.singleton_group()
@@ -76,15 +82,15 @@ class Teacher:
             pgs.tp_cp = own
             pgs.mp = own
         config = transformer_config(
-            cfg.model,
+            model,
             tensor_parallel=self.layout.tensor_parallel,
             params_dtype=self.dtype,
             on_cpu=on_cpu,
             # Forward only: the activation / RoPE fusions apply, the gradient ones do not.
             kernels=Kernels(
-                bias_activation_fusion=kernels.bias_activation_fusion and cfg.model.activation == "swiglu",
+                bias_activation_fusion=kernels.bias_activation_fusion and model.activation == "swiglu",
                 bias_dropout_fusion=kernels.bias_dropout_fusion,
-                apply_rope_fusion=kernels.apply_rope_fusion and cfg.model.position_embedding_type == "rope",
+                apply_rope_fusion=kernels.apply_rope_fusion and model.position_embedding_type == "rope",
             ),
         )
         if cfg.load is None:
@@ -93,7 +99,7 @@ class Teacher:
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if not on_cpu else []):
             torch.manual_seed(seed)
             self.model = build_gpt(
-                cfg.model,
+                model,
                 config,
                 use_te=use_te,
                 tensor_parallel=self.layout.tensor_parallel,
@@ -103,6 +109,23 @@ class Teacher:
             self.model.cuda(torch.cuda.current_device())
         self.model.eval()
         self.model.requires_grad_(False)
+
+    def load_hugging_face(self, path: str, gguf_file: Optional[str] = None) -> None:
+        """Weights straight from a Hugging Face model (as ``teacher.hf_path`` gives it), through the
+        converter's tables: the full state dict, then this rank's tensor-parallel part of it."""
+        from megatron_let.convert import ConversionError, load_into, read_hf, shard_state_dict
+
+        hf = read_hf(path, gguf_file)
+        tp = self.layout.tensor_parallel
+        rank = parallel_state.get_tensor_model_parallel_rank() if tp > 1 else 0
+        shard = shard_state_dict(hf.state, self.model_config, rank, tp)
+        names = self.model.state_dict().keys()
+        for local, fused in TE_NORM_NAMES.items():  # Transformer Engine fuses the norms into the next linear
+            shard = {k.replace(local, fused) if k not in names else k: v for k, v in shard.items()}
+        try:
+            load_into(self.model, shard)
+        except ConversionError as err:
+            raise ConversionError(f"teacher.hf_path: {path}: {err}") from None
 
     @torch.no_grad()
     def hidden_states(

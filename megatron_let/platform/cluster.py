@@ -157,7 +157,7 @@ class RunLock:
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            holder = self.holder()
+            holder = self.holder() or {}
             why = self._stale(holder)
             if why is None:
                 who = (

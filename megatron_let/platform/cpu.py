@@ -12,22 +12,27 @@ than forking megatron, CPU mode patches *torch*:
   ``.cuda()`` / ``.to("cuda")`` to the CPU, and answers ``Tensor.type()`` of a CPU float tensor
   with the CUDA type name megatron's clip-grad assertion expects.
 
-This is only ever enabled by :func:`enable_cpu_mode` (``device: cpu`` in the config). Our own
-modules never rely on it: they take devices from their inputs, and their unit tests run without it.
+It is one explicit, scoped switch: ``with cpu_mode(): ...`` (the trainer holds it for its
+lifetime when ``device: cpu``; a conversion for its own). Leaving the outermost ``cpu_mode``
+restores torch and megatron exactly as they were, so a process can run CPU-mode code and then
+other code (a transformers forward, a second trainer) in the same interpreter. Our own modules
+never rely on it: they take devices from their inputs, and their unit tests run without it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 logger = logging.getLogger(__name__)
 
-_ENABLED = False
-_MODE: "_CudaToCpuMode | None" = None
+_depth = 0  # nesting of cpu_mode(); the patches are in place while > 0
+_undo: list = []  # how to restore what the outermost cpu_mode() changed, in reverse order
 
 _CPU_TYPE_AS_CUDA = {
     "torch.FloatTensor": "torch.cuda.FloatTensor",
@@ -61,27 +66,62 @@ class _CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def enable_cpu_mode() -> None:
-    """Patch torch process-wide so megatron-core's CUDA-only spots run on the CPU. Idempotent."""
-    global _ENABLED, _MODE
-    if _ENABLED:
-        return
+def _patch(owner, name: str, value) -> None:
+    original = getattr(owner, name)
+    setattr(owner, name, value)
+    _undo.append(lambda: setattr(owner, name, original))
+
+
+def _enter() -> None:
     if torch.cuda.is_available():
         logger.warning("CPU mode requested on a machine with CUDA: running on the CPU anyway")
-    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment,return-value]  # megatron's device arg
-    torch.cuda.synchronize = lambda *a, **k: None
-    torch.cuda.is_available = lambda: False
-    _MODE = _CudaToCpuMode()
-    _MODE.__enter__()
+    _patch(torch.cuda, "current_device", lambda: "cpu")  # megatron passes it on as a device
+    _patch(torch.cuda, "synchronize", lambda *a, **k: None)
+    _patch(torch.cuda, "is_available", lambda: False)
     # Activation recompute saves and restores "the CUDA generator" around the recomputed pass;
     # here the CPU generator (saved by megatron next to it) and our CPU RNG tracker are all there is.
     from megatron.core.tensor_parallel import random as megatron_random
 
-    megatron_random._get_cuda_rng_state = lambda *a, **k: torch.empty(0, dtype=torch.uint8)
-    megatron_random._set_cuda_rng_state = lambda *a, **k: None
+    _patch(megatron_random, "_get_cuda_rng_state", lambda *a, **k: torch.empty(0, dtype=torch.uint8))
+    _patch(megatron_random, "_set_cuda_rng_state", lambda *a, **k: None)
+    # megatron's RNG tracker is replaced by a CPU one when the process groups are made (init_rng).
+    _patch(megatron_random, "_CUDA_RNG_STATE_TRACKER", megatron_random._CUDA_RNG_STATE_TRACKER)
+    _patch(megatron_random, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", megatron_random._CUDA_RNG_STATE_TRACKER_INITIALIZED)
     # The dist-checkpoint writer forks workers; keep them from re-importing CUDA state.
-    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-    _ENABLED = True
+    if "CUDA_VISIBLE_DEVICES" not in os.environ:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        _undo.append(lambda: os.environ.pop("CUDA_VISIBLE_DEVICES", None))
+    mode = _CudaToCpuMode()
+    mode.__enter__()
+    _undo.append(lambda: mode.__exit__(None, None, None))
+
+
+@contextmanager
+def cpu_mode() -> Iterator[None]:
+    """Run megatron-core on the CPU inside this block (re-entrant; the outermost exit undoes it)."""
+    global _depth
+    if _depth == 0:
+        try:
+            _enter()
+        except BaseException:
+            _restore()
+            raise
+    _depth += 1
+    try:
+        yield
+    finally:
+        _depth -= 1
+        if _depth == 0:
+            _restore()
+
+
+def _restore() -> None:
+    while _undo:
+        _undo.pop()()
+
+
+def active() -> bool:
+    return _depth > 0
 
 
 def init_rng(seed: int) -> None:

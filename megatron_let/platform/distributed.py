@@ -26,9 +26,9 @@ def init_distributed(cfg: LETConfig) -> None:
         # Megatron-LM's setting (before the CUDA context exists): one hardware queue, so tensor- and
         # sequence-parallel communication is issued in program order and overlaps as scheduled.
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    if on_cpu:
-        cpu.enable_cpu_mode()
-    elif not torch.cuda.is_available():
+    if on_cpu and not cpu.active():
+        raise RuntimeError("device: cpu: initialise inside megatron_let.platform.cpu.cpu_mode() (the Trainer does)")
+    if not on_cpu and not torch.cuda.is_available():
         raise RuntimeError("device: cuda, but CUDA is not available (use device: cpu for the CPU mode)")
     cluster.env_from_slurm()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -14,6 +14,9 @@ JOBS.json is a list of jobs, run in order; each job is a dict with a "kind":
                to ``shards_out`` with ``{rank}`` filled in. ``randomise``: every parameter drawn
                around 0 (norm weights around 1) instead of megatron's init (zero biases, unit norms
                would hide a swapped bias or norm), the same on every rank that holds a replica.
+* hf_teacher   {hf, tokens, out}: the trainer's Teacher (objectives.teacher) at this TP, its weights
+               read from the Hugging Face directory in this process; rank 0 saves its final hidden
+               state [b, s, h] to ``out``.
 * read_ckpt    {ckpt, out}: read_checkpoint (TP=PP=1) → (ModelConfig dict, state dict) to ``out``.
 """
 
@@ -32,11 +35,10 @@ import torch.distributed as dist
 def main():
     from megatron.core import parallel_state
 
-    from megatron_let import convert
+    from megatron_let import checkpoint, convert
     from megatron_let.config import LETConfig, ModelConfig, ParallelConfig, to_dict
     from megatron_let.model.gpt import build_gpt, transformer_config
     from megatron_let.platform import distributed as parallel
-    from megatron_let.training import checkpoint
 
     jobs = json.loads(open(sys.argv[1]).read())
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -103,6 +105,17 @@ def main():
             convert.load_into(gpt, convert.shard_state_dict(full, model, rank, world))
             del full
             save(run(gpt, job["tokens"], model.vocab_size), job["out"])
+        elif kind == "hf_teacher":
+            from megatron_let.config import TeacherConfig
+            from megatron_let.objectives.teacher import Teacher
+
+            teacher_cfg = TeacherConfig(model=convert.hf_model_config(job["hf"]), hf_path=job["hf"], precision="fp32")
+            teacher = Teacher(teacher_cfg, teacher_layer=None, on_cpu=True, use_te=False)
+            teacher.load_hugging_face(job["hf"])
+            tokens = torch.load(job["tokens"])
+            b, s = tokens.shape
+            hidden = teacher.hidden_states(tokens, torch.arange(s).unsqueeze(0).expand(b, s), None)
+            save({"hidden": hidden.transpose(0, 1)}, job["out"])
         elif kind == "cli":
             assert convert.main(job["argv"]) == 0, job["argv"]
         elif kind == "ckpt_logits":
@@ -150,4 +163,7 @@ def main():
 
 
 if __name__ == "__main__":  # the dist-checkpoint writer's workers re-import __main__
-    sys.exit(main())
+    from megatron_let.platform.cpu import cpu_mode
+
+    with cpu_mode():
+        sys.exit(main())

@@ -23,7 +23,7 @@ def direct_gradients(trainer, gpt, batches, weight: float):
     from megatron_let.alignment import cosine_similarity
 
     captured = {}
-    layer = gpt.decoder.layers[trainer.target_layer - 1]
+    layer = gpt.decoder.layers[trainer.objective.target_layer - 1]
     handle = layer.register_forward_hook(
         lambda module, inputs, output: captured.__setitem__("h", output[0] if isinstance(output, tuple) else output)
     )
@@ -37,8 +37,8 @@ def direct_gradients(trainer, gpt, batches, weight: float):
         loss = lm_sum / mask.sum()
         sums[0] += lm_sum.detach().double()
         sums[1] += mask.sum().double()
-        if trainer.teacher is not None:
-            teacher = trainer.teacher.hidden_states(batch["tokens"], batch["position_ids"], None)
+        if getattr(trainer.objective, "teacher", None) is not None:
+            teacher = trainer.objective.teacher.hidden_states(batch["tokens"], batch["position_ids"], None)
             mask_sb = mask.t()
             align_sum = (-cosine_similarity(captured["h"], teacher) * mask_sb).sum()
             sums[2] += align_sum.detach().double()
@@ -75,9 +75,13 @@ def main():
     if args.direct:
         if trainer.config.gradient_accumulation_fusion:
             raise SystemExit("gpu_grads.py --direct: set training.gradient_accumulation_fusion=false")
-        weight = alignment_weight(0, cfg.alignment.lambda0, cfg.alignment.stop_step) if trainer.teacher else 0.0
-        if trainer.hook is not None:
-            trainer.hook.remove()
+        weight = (
+            alignment_weight(0, cfg.alignment.lambda0, cfg.alignment.stop_step)
+            if getattr(trainer.objective, "teacher", None)
+            else 0.0
+        )
+        if getattr(trainer.objective, "hook", None) is not None:
+            trainer.objective.hook.remove()
         batches = [next(trainer.train_data) for _ in range(trainer.num_microbatches)]
         result["direct"], result["direct_losses"] = direct_gradients(trainer, gpt, batches, weight)
         result["direct_no_alignment"], _ = direct_gradients(trainer, gpt, batches, 0.0)

@@ -80,8 +80,8 @@ def main():
         "target": layer_report(gpt),
         "output_layer": class_name(gpt.output_layer),
     }
-    if trainer.teacher is not None:
-        teacher = trainer.teacher.model
+    if getattr(trainer.objective, "teacher", None) is not None:
+        teacher = trainer.objective.teacher.model
         report["teacher"] = layer_report(teacher)
         report["teacher_kernels"] = {name: getattr(teacher.config, name) for name in KERNELS}
         report["teacher_param_dtypes"] = sorted({str(p.dtype) for p in teacher.parameters()})

@@ -45,7 +45,9 @@ def main():
     dist_checkpointing.save({"model": unwrap(trainer.model[0]).sharded_state_dict()}, str(grads))
     dist.barrier()
 
-    owner = torch.tensor([1.0 if trainer.teacher is not None else 0.0], device=trainer.device)
+    owner = torch.tensor(
+        [1.0 if getattr(trainer.objective, "teacher", None) is not None else 0.0], device=trainer.device
+    )
     gathered = [torch.zeros_like(owner) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, owner)
     if dist.get_rank() == 0:
@@ -56,7 +58,9 @@ def main():
                 "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
                 "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
                 "data_parallel_size": parallel_state.get_data_parallel_world_size(),
-                "owner_stage": list(trainer.owner_stage) if trainer.owner_stage is not None else None,
+                "owner_stage": list(trainer.objective.owner_stage)
+                if trainer.objective.owner_stage is not None
+                else None,
                 "deallocate_pipeline_outputs": config.deallocate_pipeline_outputs,
                 "recompute_granularity": config.recompute_granularity,
                 "recompute_method": config.recompute_method,

@@ -45,14 +45,14 @@ def main():
 
     cfg = load_config(args.config, args.set)
     trainer = Trainer(cfg)
-    assert trainer.teacher is not None, "the config must give the trainer a teacher"
+    assert getattr(trainer.objective, "teacher", None) is not None, "the config must give the trainer a teacher"
     report = {}
 
     # 1. Teacher.release() on a teacher of its own.
     before_build = allocated()
     teacher = Teacher(
         cfg.teacher,
-        teacher_layer=trainer.teacher_layer,
+        teacher_layer=trainer.objective.teacher_layer,
         on_cpu=False,
         use_te=trainer.use_te,
         seed=cfg.training.seed + 1,
@@ -83,19 +83,19 @@ def main():
 
     # 2. The trainer's teacher, after a real step with alignment.
     first = trainer.train_step()
-    model_ref = weakref.ref(trainer.teacher.model)
+    model_ref = weakref.ref(trainer.objective.teacher.model)
     report["trainer"] = {
-        **describe(trainer.teacher.model),
+        **describe(trainer.objective.teacher.model),
         "first_step_alignment_loss": first["alignment_loss"],
         "before_release": allocated(),
     }
-    trainer._release_teacher()
+    trainer.objective.release(trainer.iteration)
     report["trainer"].update(
         {
             "after_release": allocated(),
             "model_collected": model_ref() is None,
-            "teacher_is_none": trainer.teacher is None,
-            "hook_is_none": trainer.hook is None,
+            "teacher_is_none": trainer.objective.teacher is None,
+            "hook_is_none": trainer.objective.hook is None,
         }
     )
     second = trainer.train_step()

@@ -18,9 +18,9 @@ import harness_args  # tests/harness/, the script's own directory
 def main():
     args = harness_args.parse_args()
 
+    from megatron_let import checkpoint
     from megatron_let.platform import distributed as parallel
     from megatron_let.run_config import load_run_config as load_config
-    from megatron_let.training import checkpoint
     from megatron_let.training.trainer import Trainer
 
     cfg = load_config(args.config, args.set)
@@ -33,7 +33,7 @@ def main():
     checkpoint.save_checkpoint(
         out / "grads", trainer.iteration, trainer.model, None, None, trainer.consumed_samples, {}
     )
-    owners = torch.tensor([1.0 if trainer.teacher is not None else 0.0])
+    owners = torch.tensor([1.0 if getattr(trainer.objective, "teacher", None) is not None else 0.0])
     gathered = [torch.zeros(1) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, owners)
     if dist.get_rank() == 0:

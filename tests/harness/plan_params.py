@@ -61,7 +61,9 @@ def main():
             "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
             "target": sum(p.numel() for gpt in gpts for p in gpt.parameters()),
             "teacher": (
-                sum(p.numel() for p in trainer.teacher.model.parameters()) if trainer.teacher is not None else None
+                sum(p.numel() for p in trainer.objective.teacher.model.parameters())
+                if getattr(trainer.objective, "teacher", None) is not None
+                else None
             ),
         }
         gpt = gpts[0]

@@ -18,11 +18,11 @@ def main():
     parser.add_argument("dumps", nargs="*")
     args = parser.parse_args()
 
+    from megatron_let import checkpoint
     from megatron_let.alignment import alignment_weight, cosine_alignment_loss
     from megatron_let.model.gpt import unwrap
     from megatron_let.platform import distributed as parallel
     from megatron_let.run_config import load_run_config as load_config
-    from megatron_let.training import checkpoint
     from megatron_let.training.trainer import Trainer
 
     cfg = load_config(args.config, args.set)
@@ -31,11 +31,15 @@ def main():
     result = {}
 
     if args.direct:
-        weight = alignment_weight(0, cfg.alignment.lambda0, cfg.alignment.stop_step) if trainer.teacher else 0.0
-        if trainer.hook is not None:
-            trainer.hook.remove()
+        weight = (
+            alignment_weight(0, cfg.alignment.lambda0, cfg.alignment.stop_step)
+            if getattr(trainer.objective, "teacher", None)
+            else 0.0
+        )
+        if getattr(trainer.objective, "hook", None) is not None:
+            trainer.objective.hook.remove()
         captured = {}
-        layer = gpt.decoder.layers[trainer.target_layer - 1]
+        layer = gpt.decoder.layers[trainer.objective.target_layer - 1]
         layer.register_forward_hook(lambda m, i, o: captured.__setitem__("h", o[0]))
         params = [p for p in gpt.parameters()]
         total = 0.0
@@ -46,7 +50,7 @@ def main():
             mask = batch["loss_mask"].float()
             loss = (per_token * mask).sum() / mask.sum()
             if weight > 0:
-                teacher = trainer.teacher.hidden_states(batch["tokens"], batch["position_ids"], None)
+                teacher = trainer.objective.teacher.hidden_states(batch["tokens"], batch["position_ids"], None)
                 loss = loss + weight * cosine_alignment_loss(captured["h"], teacher, mask.t())
             total = total + loss / m
         grads = torch.autograd.grad(total, params)

@@ -21,9 +21,9 @@ def main():
     from megatron_let.training.trainer import Trainer
 
     trainer = Trainer(load_config(args.config, args.set))
-    layer = find_layer(trainer.model, trainer.target_layer)
-    owner = trainer.teacher is not None
-    teacher_ref = weakref.ref(trainer.teacher.model) if owner else None
+    layer = find_layer(trainer.model, trainer.objective.target_layer)
+    owner = getattr(trainer.objective, "teacher", None) is not None
+    teacher_ref = weakref.ref(trainer.objective.teacher.model) if owner else None
     report = {
         "rank": dist.get_rank(),
         "owner": owner,
@@ -34,7 +34,7 @@ def main():
         record = trainer.train_step()
         report["steps"].append(
             {key: record[key] for key in ("iteration", "lambda", "alignment_loss", "lm_loss")}
-            | {"teacher_present": trainer.teacher is not None}
+            | {"teacher_present": getattr(trainer.objective, "teacher", None) is not None}
         )
     gc.collect()
     report["hooks_after"] = len(layer._forward_hooks) if layer is not None else None

@@ -357,11 +357,20 @@ def read_common_state(path: str | Path) -> dict:
     return _readable(directory, lambda: dist_checkpointing.load_common_state_dict(str(directory)))
 
 
-def load_checkpoint(path: str | Path, model_chunks: list, optimizer, scheduler, load_optimizer: bool = True) -> dict:
+def load_checkpoint(
+    path: str | Path,
+    model_chunks: list,
+    optimizer,
+    scheduler,
+    load_optimizer: bool = True,
+    common_state: Optional[dict] = None,
+) -> dict:
     """Collective. Loads model (and optimizer, scheduler, RNG) in place; returns the common
-    state (iteration, consumed_samples, config)."""
+    state (iteration, consumed_samples, config): ``common_state`` if the caller read it already."""
     directory = resolve_checkpoint(path)
-    common = _readable(directory, lambda: dist_checkpointing.load_common_state_dict(str(directory)))
+    common = common_state
+    if common is None:
+        common = _readable(directory, lambda: dist_checkpointing.load_common_state_dict(str(directory)))
     with_optimizer = load_optimizer and optimizer is not None and common.get("has_optimizer", False)
     if with_optimizer:
         # Materialise Adam's moments so there is somewhere to load them into, laid out as saved.

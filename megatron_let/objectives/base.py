@@ -1,0 +1,41 @@
+"""The objective interface, and the plain LM objective (NLL)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from megatron_let.flops import FlopsCounter
+
+
+class Objective:
+    """The interface, and the plain LM objective (NLL): every hook is a no-op."""
+
+    name = "nll"
+    # (Σ value·tokens, …, tokens) sums an objective reports per step, as the record keys they
+    # become (token-weighted means over ranks). Always in the record, None when not measured.
+    metric_keys: tuple[str, ...] = ("alignment_loss", "cosine_similarity")
+
+    def begin_step(self, iteration: int) -> float:
+        """Called before each training step (``iteration``: the steps done so far, i.e. Eq. 5's
+        s); returns the weight of the objective's own loss term at this step (0: inactive)."""
+        return 0.0
+
+    def before_forward(self, model_chunk, batch: dict, weight: float, evaluating: bool = False) -> None:
+        """Called before each microbatch's forward on each model chunk of this rank."""
+
+    def take_metric_sums(self) -> Optional[torch.Tensor]:
+        """This rank's sums for ``metric_keys`` (+ the token count) over the step just run, on the device."""
+        return None
+
+    def add_flops(self, counter: FlopsCounter, iteration: int, seq_length: int) -> None:
+        """Add this objective's per-token cost to ``counter`` and what it spent in the first
+        ``iteration`` steps (a resumed run) to its total."""
+
+    def describe(self) -> Optional[str]:
+        """One line for the run's start-up log, or None."""
+        return None
+
+    def close(self) -> None:
+        """Free what the objective holds (the run is over)."""
