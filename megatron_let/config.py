@@ -97,6 +97,28 @@ class AlignmentConfig:
     logsum_exponent: float = 4.0
 
 
+# The training objective (megatron_let.objectives): plain pretraining, LET, or logit distillation
+# (kd; rkd is KD from a teacher smaller than the target, the LET paper's baseline; salt is KD for
+# distillation.stop_step steps, then NLL).
+Method = Literal["nll", "let", "kd", "rkd", "salt"]
+DISTILLATION_METHODS = ("kd", "rkd", "salt")
+
+
+@dataclass
+class DistillationConfig:
+    """Logit distillation (method kd, rkd, salt): (1 − alpha)·NLL + alpha·τ²·KL(p_T^τ ‖ p_S^τ), the
+    compute-matched paper's Eq. 2; computed on vocab-parallel logits (megatron_let.distillation)."""
+
+    alpha: float = 0.5  # weight of the KL term
+    temperature: float = 1.0  # τ
+    # The teacher's k largest logits, renormalised over them (the compute-matched paper's k = 128);
+    # None: its whole distribution.
+    top_k: Optional[int] = 128
+    reverse: bool = False  # KL(p_S^τ ‖ p_T^τ) instead (needs top_k: null)
+    # KD for the steps before it, then NLL with the teacher released (salt needs it).
+    stop_step: Optional[int] = None
+
+
 @dataclass
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
@@ -218,7 +240,10 @@ class LETConfig:
     device: Literal["cuda", "cpu"] = "cuda"  # cpu: gloo, the CPU development/CI mode
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: Optional[TeacherConfig] = None  # None: plain NLL pretraining
+    # None: let with a teacher (alignment enabled, lambda0 > 0), nll without.
+    method: Optional[Method] = None
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -228,8 +253,20 @@ class LETConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
+    def objective(self) -> str:
+        """The method this run trains with (``method``, or what a config without it means)."""
+        if self.method is not None:
+            return self.method
+        return "let" if self.teacher is not None and self.alignment.enabled and self.alignment.lambda0 > 0 else "nll"
+
+    @property
     def alignment_active(self) -> bool:
-        return self.teacher is not None and self.alignment.enabled and self.alignment.lambda0 > 0
+        return (
+            self.objective == "let"
+            and self.teacher is not None
+            and self.alignment.enabled
+            and self.alignment.lambda0 > 0
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,9 +492,28 @@ def validate(cfg: LETConfig, where=lambda key: "config") -> None:
     if cfg.parallel.sequence_parallel and cfg.training.seq_length % tp:
         bad("training.seq_length", f"sequence parallel needs it divisible by tensor_model_parallel_size={tp}")
 
+    if cfg.objective != "nll" and cfg.teacher is None:
+        bad("method", f"{cfg.objective} needs a teacher: section")
+    distill = cfg.distillation
+    if not 0 <= distill.alpha <= 1:
+        bad("distillation.alpha", f"must be in [0, 1], got {distill.alpha}")
+    if distill.temperature <= 0:
+        bad("distillation.temperature", f"must be > 0, got {distill.temperature}")
+    if distill.top_k is not None and not 1 <= distill.top_k <= cfg.model.vocab_size:
+        bad(
+            "distillation.top_k",
+            f"must be in [1, model.vocab_size={cfg.model.vocab_size}] or null, got {distill.top_k}",
+        )
+    if distill.reverse and distill.top_k is not None:
+        bad("distillation.reverse", "reverse KL needs the teacher's whole distribution: set distillation.top_k: null")
+    if distill.stop_step is not None and distill.stop_step < 1:
+        bad("distillation.stop_step", f"must be >= 1, got {distill.stop_step}")
+    if cfg.objective == "salt" and distill.stop_step is None:
+        bad("distillation.stop_step", "method salt needs it: the step at which KD gives way to NLL")
+
     align = cfg.alignment
     # A named strategy chooses the layers itself (resolve_layers), whatever target_layer says.
-    if cfg.teacher is not None and align.strategy is None and not 1 <= align.target_layer <= cfg.model.num_layers:
+    if cfg.alignment_active and align.strategy is None and not 1 <= align.target_layer <= cfg.model.num_layers:
         bad(
             "alignment.target_layer",
             f"layer {align.target_layer} does not exist: the target has model.num_layers={cfg.model.num_layers}",
@@ -476,7 +532,11 @@ def validate(cfg: LETConfig, where=lambda key: "config") -> None:
                 f"{teacher.vocab_size} differs from model.vocab_size={cfg.model.vocab_size}: teacher and "
                 "target must share a tokenizer",
             )
-        if align.teacher_layer is not None and not 1 <= align.teacher_layer <= teacher.num_layers:
+        if (
+            cfg.alignment_active
+            and align.teacher_layer is not None
+            and not 1 <= align.teacher_layer <= teacher.num_layers
+        ):
             bad(
                 "alignment.teacher_layer",
                 f"layer {align.teacher_layer} does not exist: the teacher has {teacher.num_layers} layers",

@@ -37,11 +37,15 @@ def training_flops_per_token(model: ModelConfig, seq_length: int) -> float:
     return 6.0 * backbone + 6.0 * logits + 2.0 * attention_forward_flops(model, seq_length)
 
 
-def teacher_flops_per_token(teacher: ModelConfig, seq_length: int, layers: int | None = None) -> float:
-    """Forward only, up to the aligned layer (all layers for the final hidden state), no head."""
+def teacher_flops_per_token(
+    teacher: ModelConfig, seq_length: int, layers: int | None = None, *, head: bool = False
+) -> float:
+    """Forward only, up to the aligned layer (all layers for the final hidden state); ``head``:
+    the output layer too (2·d·V, logit distillation)."""
     fraction = 1.0 if layers is None else layers / teacher.num_layers
     backbone = count_parameters(teacher)["non_embedding"]
-    return fraction * (2.0 * backbone + attention_forward_flops(teacher, seq_length))
+    flops = fraction * (2.0 * backbone + attention_forward_flops(teacher, seq_length))
+    return flops + (2.0 * teacher.hidden_size * teacher.vocab_size if head else 0.0)
 
 
 def megatron_lm_flops_per_token(

@@ -98,7 +98,7 @@ def test_config_is_a_leaf():
 # The layers, bottom up (docs/ARCHITECTURE.md): a package may import its own layer and those below.
 LAYERS = [
     {"config"},
-    {"alignment", "platform"},
+    {"alignment", "distillation", "platform"},
     {"model"},
     {"flops", "data", "checkpoint"},
     {"convert"},

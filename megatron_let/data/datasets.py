@@ -220,6 +220,16 @@ def _broadcast_microbatches(batches: Iterator[dict], group, src: int) -> Iterato
         yield _broadcast_batch(batch, group, src)
 
 
+def close_iterators(iterators) -> None:
+    """Stop what :func:`make_iterator` started (one iterator or one per model chunk): its DataLoader
+    workers are shut down now. They ignore the exit signals, so a worker left to the interpreter's
+    exit — which only SIGTERMs daemonic children, then joins them — would hang the process there."""
+    for iterator in iterators if isinstance(iterators, list) else [iterators]:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()  # a generator: its frame, and the DataLoader iterator it holds, go now
+
+
 def make_iterator(
     dataset,
     consumed_samples: int,

@@ -5,11 +5,13 @@ knows no method's details.
 - :class:`~megatron_let.objectives.base.Objective`: plain next-token prediction (NLL): nothing besides the LM loss.
 - :class:`~megatron_let.objectives.let.LETObjective`: LET's early-layer alignment to a colocated
   frozen teacher (:mod:`.hook`, :mod:`.teacher`), weighted by λ(step) and released at S_stop.
+- :class:`~megatron_let.objectives.kd.KDObjective`: logit distillation (``kd``, ``rkd``, ``salt``)
+  from a teacher on the last pipeline stage, on vocab-parallel logits.
 """
 
 from __future__ import annotations
 
-from megatron_let.config import LETConfig
+from megatron_let.config import DISTILLATION_METHODS, LETConfig
 from megatron_let.objectives.base import Objective
 
 __all__ = ["Objective", "build_objective"]
@@ -21,4 +23,8 @@ def build_objective(cfg: LETConfig, model: list, *, iteration: int, **build) -> 
         from megatron_let.objectives.let import LETObjective
 
         return LETObjective(cfg, model, iteration=iteration, **build)
+    if cfg.objective in DISTILLATION_METHODS:
+        from megatron_let.objectives.kd import KDObjective
+
+        return KDObjective(cfg, model, iteration=iteration, **build)
     return Objective()

@@ -16,11 +16,27 @@ class Objective:
     # (Σ value·tokens, …, tokens) sums an objective reports per step, as the record keys they
     # become (token-weighted means over ranks). Always in the record, None when not measured.
     metric_keys: tuple[str, ...] = ("alignment_loss", "cosine_similarity")
+    # How the log line names them, and the step's weight (printed while it is > 0 or a metric is measured).
+    metric_labels: dict[str, str] = {"alignment_loss": "alignment loss", "cosine_similarity": "cos sim"}
+    weight_label = "λ"
 
     def begin_step(self, iteration: int) -> float:
         """Called before each training step (``iteration``: the steps done so far, i.e. Eq. 5's
         s); returns the weight of the objective's own loss term at this step (0: inactive)."""
         return 0.0
+
+    def forward(
+        self, model_chunk, batch: dict, weight: float, evaluating: bool = False
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """One microbatch through one model chunk of this rank: ``(output, nll)``. ``output`` is
+        what megatron's schedule takes — the hidden states for the next stage, or on the last
+        stage the per-token loss ``[b, s]`` to minimise; ``nll`` is the per-token LM loss to report
+        when it differs from that loss (else None)."""
+        self.before_forward(model_chunk, batch, weight, evaluating)
+        output = model_chunk(
+            batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"]
+        )
+        return output, None
 
     def before_forward(self, model_chunk, batch: dict, weight: float, evaluating: bool = False) -> None:
         """Called before each microbatch's forward on each model chunk of this rank."""

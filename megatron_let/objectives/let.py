@@ -11,17 +11,15 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_let import checkpoint
 from megatron_let.alignment import alignment_weight
 from megatron_let.config import LETConfig, TeacherConfig, resolve_layers
 from megatron_let.flops import FlopsCounter, megatron_lm_flops_per_token, teacher_flops_per_token
 from megatron_let.model.gpt import Kernels
 from megatron_let.objectives.base import Objective
 from megatron_let.objectives.hook import AlignmentHook, find_layer, layer_owner, main_loss_scale
-from megatron_let.objectives.teacher import Teacher, teacher_model
+from megatron_let.objectives.teacher import Teacher, load_teacher_weights, teacher_model
 
 
 class LETObjective(Objective):
@@ -62,9 +60,7 @@ class LETObjective(Objective):
     # ----------------------------------------------------------------------------- building
 
     def _build(self, model: list, *, on_cpu: bool, use_te: bool, kernels: Kernels) -> None:
-        """Teacher + hook on the stage owning layer k, then the teacher's weights: from
-        ``teacher.load`` (a megatron-let checkpoint; collective over all ranks) or else read from
-        ``teacher.hf_path`` by each rank that holds the teacher, in this process."""
+        """Teacher + hook on the stage owning layer k, then the teacher's weights."""
         owner_pp, owner_vp = layer_owner(self.config, self.target_layer)
         owns = parallel_state.get_pipeline_model_parallel_rank() == owner_pp
         if owns:
@@ -86,13 +82,7 @@ class LETObjective(Objective):
                 sequence_parallel=self.cfg.parallel.sequence_parallel,
             )
         self.owner_stage = (owner_pp, owner_vp)
-        teacher = self.teacher_cfg
-        if teacher.load and (teacher.hf_path is None or checkpoint.has_checkpoint(teacher.load)):
-            checkpoint.load_model_weights(teacher.load, self.teacher.model if self.teacher else None)
-        elif teacher.hf_path is not None and self.teacher is not None:
-            self.teacher.load_hugging_face(teacher.hf_path, teacher.gguf_file)
-            if dist.get_rank() == 0:
-                self.log(f"teacher weights read from {teacher.hf_path}")
+        load_teacher_weights(self.teacher_cfg, self.teacher, self.log)
 
     # ----------------------------------------------------------------------------- a step
 

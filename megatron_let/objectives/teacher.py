@@ -1,7 +1,7 @@
 """The colocated small teacher: build, load, run, release.
 
 A frozen megatron-core ``GPTModel`` with its own architecture. It lives only on the pipeline stage
-that owns the target's layer k, is never pipelined, and is tensor-parallel over that stage's TP
+that needs it (LET: the one owning the target's layer k; logit distillation: the last), is never pipelined, and is tensor-parallel over that stage's TP
 group when its heads divide TP (otherwise every TP rank holds a full replica). It runs under
 ``no_grad`` in eval mode, has no optimizer state and is never part of the target's checkpoint.
 """
@@ -17,6 +17,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
 
+from megatron_let import checkpoint
 from megatron_let.config import ModelConfig, TeacherConfig
 from megatron_let.model.gpt import DTYPES, TE_NORM_NAMES, Kernels, build_gpt, resolve_precision, transformer_config
 from megatron_let.platform import distributed as parallel
@@ -29,6 +30,18 @@ def teacher_model(cfg: TeacherConfig) -> ModelConfig:
     if cfg.model is None:
         raise ValueError("teacher.model is not resolved: load the config with megatron_let.run_config.load_run_config")
     return cfg.model
+
+
+def load_teacher_weights(cfg: TeacherConfig, teacher: Optional["Teacher"], log=print) -> None:
+    """The teacher's weights: from ``teacher.load`` (a megatron-let checkpoint; collective, every
+    rank calls it, ``teacher`` None where this rank holds none) or else read from
+    ``teacher.hf_path`` by each rank that holds the teacher, in this process."""
+    if cfg.load and (cfg.hf_path is None or checkpoint.has_checkpoint(cfg.load)):
+        checkpoint.load_model_weights(cfg.load, teacher.model if teacher else None)
+    elif cfg.hf_path is not None and teacher is not None:
+        teacher.load_hugging_face(cfg.hf_path, cfg.gguf_file)
+        if torch.distributed.get_rank() == 0:
+            log(f"teacher weights read from {cfg.hf_path}")
 
 
 @dataclass
@@ -146,6 +159,19 @@ class Teacher:
         if self.teacher_layer is None and gpt.decoder.final_layernorm is not None:
             hidden = gpt.decoder.final_layernorm(hidden)
         return hidden
+
+    @torch.no_grad()
+    def logits(
+        self, tokens: torch.Tensor, position_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """[s, b, V_T / TP_T] logits (this rank's vocabulary columns when the teacher is
+        tensor-parallel, all of them when it is replicated): the final hidden state through the
+        output layer (tied to the embedding when the teacher ties them)."""
+        gpt = self.model
+        hidden = self.hidden_states(tokens, position_ids, attention_mask)
+        weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else None
+        logits, _ = gpt.output_layer(hidden, weight=weight)
+        return logits
 
     def release(self) -> None:
         """Free the teacher's memory: after S_stop it is never needed again."""

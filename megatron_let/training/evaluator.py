@@ -12,6 +12,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_let.config import LETConfig
+from megatron_let.data.datasets import close_iterators
 
 
 class Evaluator:
@@ -42,6 +43,16 @@ class Evaluator:
         if dataset is None:
             return None
         data = self.iterators(dataset, 0)
+        try:
+            totals = self._totals(data)
+        finally:
+            close_iterators(data)  # its DataLoader workers go now, not at the interpreter's exit
+        dist.all_reduce(totals)
+        loss = float(totals[0] / totals[1])
+        return {"iteration": iteration, "split": split, "lm_loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+
+    def _totals(self, data) -> torch.Tensor:
+        """(Σ LM loss, tokens) of this rank over eval_iters global batches, on the device."""
         for chunk in self.model:
             chunk.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # read once, at the end
@@ -63,6 +74,4 @@ class Evaluator:
                 totals += torch.stack([item["lm loss"] for item in outputs]).to(torch.float64).sum(0)
         for chunk in self.model:
             chunk.train()
-        dist.all_reduce(totals)
-        loss = float(totals[0] / totals[1])
-        return {"iteration": iteration, "split": split, "lm_loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+        return totals

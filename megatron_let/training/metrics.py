@@ -93,11 +93,22 @@ class StepMetrics:
     a log interval is finished with one all-reduce and one host read (:meth:`read`), then logged
     and printed in Megatron-LM's line format."""
 
-    def __init__(self, cfg: LETConfig, *, start_iteration: int, device: torch.device, on_cpu: bool, metric_keys):
+    def __init__(
+        self,
+        cfg: LETConfig,
+        *,
+        start_iteration: int,
+        device: torch.device,
+        on_cpu: bool,
+        metric_labels: dict[str, str],
+        weight_label: str = "λ",
+    ):
         self.cfg = cfg
         self.device = device
         self.on_cpu = on_cpu
-        self.metric_keys = tuple(metric_keys)
+        self.metric_labels = metric_labels  # the objective's metrics: record key → log label
+        self.metric_keys = tuple(metric_labels)
+        self.weight_label = weight_label
         self.logger = MetricsLogger(cfg, start_iteration)
         self.timer = Timer("interval-time")  # device-synchronised wall time of training steps
         self.timer.start()
@@ -203,16 +214,12 @@ class StepMetrics:
             f" iteration {record['iteration']:>6}/{self.cfg.training.train_iters}",
             f"lm loss {mean('lm_loss'):.4f}",
         ]
-        if record["lambda"] > 0 or record["alignment_loss"] is not None:
+        if record["lambda"] > 0 or any(record[key] is not None for key in self.metric_keys):
             parts += [
-                f"alignment loss {record['alignment_loss']:.4f}"
-                if record["alignment_loss"] is not None
-                else "alignment loss -",
-                f"cos sim {record['cosine_similarity']:.4f}"
-                if record["cosine_similarity"] is not None
-                else "cos sim -",
-                f"λ {record['lambda']:.4g}",
+                f"{label} {record[key]:.4f}" if record[key] is not None else f"{label} -"
+                for key, label in self.metric_labels.items()
             ]
+            parts.append(f"{self.weight_label} {record['lambda']:.4g}")
         parts += [
             f"lr {record['lr']:.3e}",
             f"grad norm {record['grad_norm']:.3f}" if record["grad_norm"] is not None else "grad norm -",

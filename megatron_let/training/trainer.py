@@ -20,7 +20,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_let.config import LETConfig
-from megatron_let.data.datasets import build_datasets, make_iterator
+from megatron_let.data.datasets import build_datasets, close_iterators, make_iterator
 from megatron_let.flops import FlopsCounter, megatron_lm_flops_per_token, training_flops_per_token
 from megatron_let.model.gpt import resolve_precision, select_kernels, use_transformer_engine
 from megatron_let.objectives import build_objective
@@ -96,6 +96,8 @@ class Trainer:
         # Data, evaluation, metrics.
         self.datasets = build_datasets(cfg, self._dataset_sizes())
         self.train_data = self._iterators(self.datasets[0], self.consumed_samples)
+        if self.train_data is not None:
+            self.held.callback(close_iterators, self.train_data)
         self.evaluator = Evaluator(
             cfg,
             self.model,
@@ -110,7 +112,8 @@ class Trainer:
             start_iteration=self.iteration,
             device=self.device,
             on_cpu=self.on_cpu,
-            metric_keys=self.objective.metric_keys,
+            metric_labels={key: self.objective.metric_labels[key] for key in self.objective.metric_keys},
+            weight_label=self.objective.weight_label,
         )
         self.held.callback(self.metrics.close)
         self._log_setup()
@@ -169,16 +172,18 @@ class Trainer:
 
     def _forward_step(self, data_iterator, model, objective_weight: float = 0.0, evaluating: bool = True):
         batch = next(data_iterator)
-        self.objective.before_forward(model, batch, objective_weight, evaluating=evaluating)
-        output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
-        return output, partial(self._loss, batch["loss_mask"])
+        output, nll = self.objective.forward(model, batch, objective_weight, evaluating=evaluating)
+        return output, partial(self._loss, batch["loss_mask"], nll)
 
     @staticmethod
-    def _loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    def _loss(loss_mask: torch.Tensor, nll: Optional[torch.Tensor], per_token_loss: torch.Tensor):
+        """The masked token sum of the loss to minimise (megatron divides by the global token
+        count); the LM loss is reported, which is that loss unless the objective adds to it."""
         mask = loss_mask.reshape(-1).float()
         loss_sum = (per_token_loss.float().reshape(-1) * mask).sum()
         tokens = mask.sum()
-        report = torch.stack([loss_sum.detach(), tokens])
+        lm_sum = loss_sum if nll is None else (nll.float().reshape(-1) * mask).sum()
+        report = torch.stack([lm_sum.detach(), tokens])
         return loss_sum, tokens.to(torch.int), {"lm loss": report}
 
     def train_step(self) -> dict:

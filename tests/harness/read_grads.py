@@ -15,6 +15,7 @@ import harness_args  # tests/harness/, the script's own directory
 def main():
     parser = harness_args.parser()
     parser.add_argument("--direct", action="store_true")
+    parser.add_argument("--direct-kd", action="store_true", help="the reference for a logit-distillation step")
     parser.add_argument("dumps", nargs="*")
     args = parser.parse_args()
 
@@ -56,12 +57,48 @@ def main():
         grads = torch.autograd.grad(total, params)
         result["direct"] = {n: g for (n, _), g in zip(gpt.named_parameters(), grads)}
 
+    if args.direct_kd:
+        result["direct"] = direct_kd_gradients(cfg, trainer, gpt)
+
     for dump in args.dumps:
         checkpoint.load_checkpoint(dump, trainer.model, None, None)
         result[dump] = {n: p.detach().clone() for n, p in gpt.named_parameters()}
     torch.save(result, args.out)
     trainer.close()
     parallel.shutdown()
+
+
+def direct_kd_gradients(cfg, trainer, gpt) -> dict:
+    """Σ_m mean_t[(1 − α)·NLL + α·τ²·KL(q_T ‖ p_S)] / M by plain autograd: torch's own
+    cross-entropy (over the padded columns, as megatron's), log_softmax and top-k, full logits."""
+    import torch.nn.functional as F
+
+    d, vocab = cfg.distillation, cfg.model.vocab_size
+    teacher = trainer.objective.teacher
+    params = list(gpt.parameters())
+    total = 0.0
+    m = trainer.num_microbatches
+    for _ in range(m):
+        batch = next(trainer.train_data)
+        logits = gpt(batch["tokens"], batch["position_ids"], None)  # [b, s, V_padded]
+        nll = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="none").view(logits.shape[:2])
+        teacher_logits = teacher.logits(batch["tokens"], batch["position_ids"], None).transpose(0, 1)[..., :vocab]
+        log_p = torch.log_softmax(logits[..., :vocab] / d.temperature, dim=-1)
+        if d.reverse:
+            log_t = torch.log_softmax(teacher_logits / d.temperature, dim=-1)
+            kl = (log_p.exp() * (log_p - log_t)).sum(-1)
+        elif d.top_k is None:
+            log_t = torch.log_softmax(teacher_logits / d.temperature, dim=-1)
+            kl = (log_t.exp() * (log_t - log_p)).sum(-1)
+        else:
+            values, indices = teacher_logits.topk(d.top_k, dim=-1)
+            log_q = torch.log_softmax(values / d.temperature, dim=-1)
+            kl = (log_q.exp() * (log_q - log_p.gather(-1, indices))).sum(-1)
+        per_token = (1 - d.alpha) * nll + d.alpha * d.temperature**2 * kl
+        mask = batch["loss_mask"].float()
+        total = total + (per_token * mask).sum() / mask.sum() / m
+    grads = torch.autograd.grad(total, params)
+    return {n: g for (n, _), g in zip(gpt.named_parameters(), grads)}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,184 @@
+"""Logit distillation (method kd / rkd / salt) through the real trainer on real megatron-core.
+
+One step under TP 2, PP 2 and DP 2 equals the single-process step (losses and every gradient,
+read back at TP=PP=1 through megatron's resharding); the single-process step equals plain
+autograd of Σ_m mean_t[(1 − α)·NLL + α·τ²·KL] / M written with torch's own cross-entropy,
+log_softmax and top-k on full logits. The vocabulary (500) is padded (to 512), and the teachers
+pad or split it differently from the target: split into other widths (teacher A at TP 2), or
+replicated on each TP rank (teacher B, whose 3 heads do not divide TP 2). SALT switches to NLL
+exactly at its step, and a run resumed from a checkpoint continues with identical losses.
+"""
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_config, torchrun, write_config, write_token_dataset
+
+VOCAB = 500  # padded to 512 by the target
+LOSS_RTOL = 1e-6
+# A KL of order 1e-3 sums V/TP terms per rank, then across ranks: fp32 order shows at ~1e-8.
+KL_ATOL = 5e-8
+GRAD_RTOL = 1e-5
+
+
+def teacher(heads: int, divisible_by: int) -> dict:
+    return {
+        "num_layers": 2,
+        "hidden_size": 48,
+        "num_attention_heads": heads,
+        "ffn_hidden_size": 96,
+        "vocab_size": VOCAB,
+        "make_vocab_size_divisible_by": divisible_by,
+        "max_position_embeddings": 64,
+        "normalization": "LayerNorm",
+        "activation": "gelu",
+    }
+
+
+TEACHERS = {"A": teacher(2, 100), "B": teacher(3, 128)}  # A: 500 columns at TP 1, 2 × 300 at TP 2
+KD = ["method=kd", "distillation.alpha=0.6", "distillation.temperature=2.0", "distillation.top_k=16"]
+REVERSE = ["method=rkd", "distillation.alpha=0.4", "distillation.temperature=1.5", "distillation.top_k=null"]
+REVERSE += ["distillation.reverse=true"]
+# name: (processes, teacher, method overrides, layout overrides, reference)
+STEPS = {
+    "reference": (1, "A", KD, [], None),
+    "tp2": (2, "A", KD, ["parallel.tensor_model_parallel_size=2"], "reference"),
+    "pp2": (2, "A", KD, ["parallel.pipeline_model_parallel_size=2"], "reference"),
+    "dp2": (2, "A", KD, [], "reference"),
+    "reverse_reference": (1, "B", REVERSE, [], None),
+    "reverse_tp2_replicated_teacher": (2, "B", REVERSE, ["parallel.tensor_model_parallel_size=2"], "reverse_reference"),
+}
+TEACHER_RANKS = {  # the last pipeline stage only (rank order: TP fastest, then DP, then PP)
+    "reference": [0],
+    "tp2": [0, 1],
+    "pp2": [1],
+    "dp2": [0, 1],
+    "reverse_reference": [0],
+    "reverse_tp2_replicated_teacher": [0, 1],
+}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_token_dataset(tmp_path_factory.mktemp("kd_data") / "tokens", vocab=VOCAB)
+
+
+def base_config(data, **sections) -> dict:
+    cfg = tiny_config(data, model={"vocab_size": VOCAB}, optimizer={"clip_grad": 0.0}, **sections)
+    cfg["data"]["eod_token_id"] = VOCAB - 1
+    cfg["teacher"] = {"model": TEACHERS["A"]}
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data):
+    root = tmp_path_factory.mktemp("kd")
+    base = write_config(root / "base.yaml", base_config(data))
+    torchrun(1, "-m megatron_let.train", "--config", str(base), "--set", "method=nll", "--set",
+             "training.train_iters=0", "--set", f"checkpoint.save={root / 'init'}")  # fmt: skip
+    for name, model in TEACHERS.items():  # two small "pretrained" teachers, trained by the trainer
+        cfg = base_config(data, training={"train_iters": 2}, checkpoint={"save": str(root / f"teacher{name}")})
+        cfg["model"], cfg["teacher"] = model, None
+        torchrun(1, "-m megatron_let.train", "--config", str(write_config(root / f"teacher{name}.yaml", cfg)))
+
+    metrics = {}
+    for name, (nproc, which, method, layout, _) in STEPS.items():
+        args = ["--config", str(base), "--out", str(root / name), "--set", f"checkpoint.load={root / 'init'}"]
+        for item in [f"teacher.load={root / f'teacher{which}'}", f"teacher.model={json.dumps(TEACHERS[which])}"]:
+            args += ["--set", item]
+        for item in method + layout:
+            args += ["--set", item]
+        torchrun(nproc, "tests/harness/one_step.py", *args)
+        metrics[name] = json.loads((root / name / "metrics.json").read_text())
+
+    grads = {}
+    for reference, which, method in (("reference", "A", KD), ("reverse_reference", "B", REVERSE)):
+        dumps = [
+            str(root / name / "grads") for name, step in STEPS.items() if name == reference or step[4] == reference
+        ]
+        sets = [f"checkpoint.load={root / 'init'}", f"teacher.load={root / f'teacher{which}'}"]
+        sets += [f"teacher.model={json.dumps(TEACHERS[which])}", *method]
+        args = ["--config", str(base), "--out", str(root / f"{reference}.pt"), "--direct-kd"]
+        for item in sets:
+            args += ["--set", item]
+        torchrun(1, "tests/harness/read_grads.py", *args, *dumps)
+        loaded = torch.load(root / f"{reference}.pt")
+        grads[f"{reference}_direct"] = loaded["direct"]
+        for dump in dumps:
+            grads[dump.split("/")[-2]] = loaded[dump]
+    return metrics, grads
+
+
+def max_relative_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[n] - b[n]).abs().max() / b[n].abs().max().clamp(min=1e-12)) for n in a)
+
+
+@pytest.mark.parametrize("name", [n for n, step in STEPS.items() if step[4]])
+def test_a_distillation_step_under_tp_pp_dp_equals_the_single_process_step(runs, name):
+    metrics, grads = runs
+    reference = STEPS[name][4]
+    ours, ref = metrics[name], metrics[reference]
+    assert ours["lm_loss"] == pytest.approx(ref["lm_loss"], rel=LOSS_RTOL)
+    assert ours["kd_loss"] == pytest.approx(ref["kd_loss"], rel=LOSS_RTOL, abs=KL_ATOL)
+    assert ours["kd_loss"] > 1e-3 and ours["lambda"] == ref["lambda"] > 0  # the KL term is really there
+    difference = max_relative_difference(grads[name], grads[reference])
+    print(
+        f"\n{name}: lm loss {ours['lm_loss']:.6f}, kd loss {ours['kd_loss']:.6f}, gradient difference {difference:.2e}"
+    )
+    assert difference < GRAD_RTOL
+
+
+@pytest.mark.parametrize("reference", ["reference", "reverse_reference"])
+def test_the_single_process_step_equals_plain_autograd(runs, reference):
+    _, grads = runs
+    difference = max_relative_difference(grads[reference], grads[f"{reference}_direct"])
+    print(f"\n{reference} vs plain autograd: max relative gradient difference {difference:.2e}")
+    assert difference < GRAD_RTOL
+
+
+@pytest.mark.parametrize("name", list(STEPS))
+def test_the_teacher_lives_on_the_last_stage_only(runs, name):
+    metrics, _ = runs
+    assert metrics[name]["teacher_ranks"] == TEACHER_RANKS[name]
+
+
+def records(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if "split" not in line]
+
+
+def test_salt_switches_at_its_step_and_a_resumed_run_continues_identically(tmp_path, data):
+    """SALT at PP 2: KD for 3 steps, then NLL with the teacher released; once straight through 6
+    steps, once stopped at step 2 (exit_interval, in the KD phase) and resumed, stopped at 4 (past
+    the switch) and resumed."""
+    cfg = base_config(
+        data,
+        method="salt",
+        distillation={"alpha": 0.5, "temperature": 1.0, "top_k": 8, "stop_step": 3},
+        training={"train_iters": 6},
+        parallel={"pipeline_model_parallel_size": 2},
+    )
+    straight = write_config(tmp_path / "straight.yaml", {**cfg, "checkpoint": {"save": str(tmp_path / "straight")}})
+    out = torchrun(2, "-m megatron_let.train", "--config", str(straight)).stdout
+    assert "salt: (1 − 0.5)·NLL + 0.5·τ²·KL(p_T‖p_S), τ 1.0, teacher top-8 renormalised, until step 3" in out
+    assert "iteration 4: distillation ends (distillation.stop_step=3)" in out
+    done = records(tmp_path / "straight" / "metrics.jsonl")
+    assert [r["lambda"] for r in done] == [0.5, 0.5, 0.5, 0.0, 0.0, 0.0]
+    assert all(r["kd_loss"] > 0 for r in done[:3]) and all(r["kd_loss"] is None for r in done[3:])
+    assert "kd loss" in out and "α 0.5" in out
+
+    resumed = tmp_path / "resumed"
+    split = {**cfg, "checkpoint": {"save": str(resumed), "load": str(resumed)}}
+    split["training"] = {**cfg["training"], "exit_interval": 2}
+    path = write_config(tmp_path / "split.yaml", split)
+    for _ in range(3):
+        torchrun(2, "-m megatron_let.train", "--config", str(path))
+    again = records(resumed / "metrics.jsonl")
+    assert [r["iteration"] for r in again] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(done, again):
+        assert b["lm_loss"] == pytest.approx(a["lm_loss"], rel=1e-6), a["iteration"]
+        assert (b["kd_loss"] is None) == (a["kd_loss"] is None)
+        if a["kd_loss"] is not None:
+            assert b["kd_loss"] == pytest.approx(a["kd_loss"], rel=1e-6), a["iteration"]
