@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -77,6 +77,62 @@ def logsum_alignment_loss(
 ) -> torch.Tensor:
     """:func:`logsum_distance` averaged over the unmasked tokens."""
     return _per_token_mean(logsum_distance(h_target, h_teacher, exponent), mask)
+
+
+def cca_alignment_loss(
+    h_target: torch.Tensor,
+    h_teacher: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    ridge: float = 1e-3,
+    reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+) -> torch.Tensor:
+    """Table 5's LET-CCA: minus the mean canonical correlation between the interpolated target
+    states and the teacher states over the tokens of a microbatch (Deep CCA's total correlation,
+    Andrew et al. 2013, divided by the width), in [−1, 0].
+
+    Each token is a sample of two d_T-dimensional variables (the target state interpolated to d_T
+    by Eq. 6, and the teacher's). With C the mask-weighted covariances, each regularised by
+    ``ridge`` × its mean variance on the diagonal (a microbatch may hold fewer tokens than the
+    width, and a state may have constant coordinates), the canonical correlations are the singular
+    values of L_x⁻¹ C_xy L_y⁻ᵀ (C_xx = L_x L_xᵀ, Cholesky; any whitening gives the same values), and
+    ``torch.linalg.svdvals`` differentiates them stably. Unlike the per-token cosine, the loss is
+    invariant to any invertible linear map of either side: it asks for linearly *predictable*
+    teacher features, not equal ones.
+
+    ``reduce``: sums the sufficient statistics over the ranks that hold the other tokens
+    (sequence parallelism: megatron's reduce_from_tensor_model_parallel_region — all-reduce
+    forward, identity backward, as the loss is then the same on every rank)."""
+    dtype = torch.promote_types(h_target.dtype, torch.float32)  # fp32 at least (fp64 stays, for tests)
+    x = interpolate_hidden(h_target.to(dtype), h_teacher.shape[-1]).flatten(0, -2)
+    y = h_teacher.to(dtype).flatten(0, -2)
+    weights = torch.ones(x.shape[0], dtype=dtype, device=x.device) if mask is None else mask.to(dtype).flatten()
+    d = x.shape[-1]
+    wx, wy = x * weights[:, None], y * weights[:, None]
+    stats = torch.cat(
+        [
+            weights.sum().reshape(1),
+            wx.sum(0),
+            wy.sum(0),
+            (x.t() @ wx).flatten(),
+            (y.t() @ wy).flatten(),
+            (x.t() @ wy).flatten(),
+        ]
+    )
+    if reduce is not None:
+        stats = reduce(stats)
+    n = stats[0].clamp(min=1)
+    mean_x, mean_y = stats[1 : 1 + d] / n, stats[1 + d : 1 + 2 * d] / n
+    offset = 1 + 2 * d
+    cxx = stats[offset : offset + d * d].view(d, d) / n - torch.outer(mean_x, mean_x)
+    cyy = stats[offset + d * d : offset + 2 * d * d].view(d, d) / n - torch.outer(mean_y, mean_y)
+    cxy = stats[offset + 2 * d * d :].view(d, d) / n - torch.outer(mean_x, mean_y)
+    eye = torch.eye(d, dtype=dtype, device=x.device)
+    cxx = cxx + ridge * cxx.diagonal().mean().clamp(min=1e-12) * eye
+    cyy = cyy + ridge * cyy.diagonal().mean().clamp(min=1e-12) * eye
+    lx, ly = torch.linalg.cholesky(cxx), torch.linalg.cholesky(cyy)
+    whitened = torch.linalg.solve_triangular(lx, cxy, upper=False)  # L_x⁻¹ C_xy
+    whitened = torch.linalg.solve_triangular(ly, whitened.t(), upper=False).t()  # … L_y⁻ᵀ
+    return -torch.linalg.svdvals(whitened).mean()
 
 
 def alignment_weight(step: int, lambda0: float, s_stop: int) -> float:

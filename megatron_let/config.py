@@ -93,8 +93,11 @@ class AlignmentConfig:
     teacher_layer: Optional[int] = None  # 1-based; None = the final hidden state (after the final norm)
     lambda0: float = 0.1
     stop_step: int = 1500  # S_stop: λ reaches 0 here and the teacher is released
-    loss: Literal["cosine", "logsum"] = "cosine"  # cosine: Eq. 4/7; logsum: Appendix H
+    # cosine: Eq. 4/7; logsum: Appendix H; cca: Table 5's LET-CCA, minus the mean canonical
+    # correlation over a microbatch's tokens (megatron_let.alignment.cca_alignment_loss)
+    loss: Literal["cosine", "logsum", "cca"] = "cosine"
     logsum_exponent: float = 4.0
+    cca_ridge: float = 1e-3  # cca: covariance regularisation, relative to the mean variance
 
 
 # The training objective (megatron_let.objectives): plain pretraining, LET, or logit distillation
@@ -522,6 +525,8 @@ def validate(cfg: LETConfig, where=lambda key: "config") -> None:
         bad("alignment.lambda0", "must be >= 0")
     if align.stop_step < 1:
         bad("alignment.stop_step", "must be >= 1")
+    if align.cca_ridge < 0:
+        bad("alignment.cca_ridge", f"must be >= 0, got {align.cca_ridge}")
 
     if teacher_model is not None:
         teacher = teacher_model

@@ -8,6 +8,7 @@ import torch
 
 from megatron_let.alignment import (
     alignment_weight,
+    cca_alignment_loss,
     cosine_alignment_loss,
     cosine_similarity,
     interpolate_hidden,
@@ -105,3 +106,60 @@ def test_alignment_weight_is_linear():
     np.testing.assert_allclose(diffs, -0.03, rtol=1e-9)
     with pytest.raises(ValueError):
         alignment_weight(0, 0.1, 0)
+
+
+def canonical_correlations_qr(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Björck & Golub's route (no covariance, no whitening): the singular values of Q_xᵀ Q_y for
+    the QR factors of the centred samples."""
+    qx, _ = np.linalg.qr(x - x.mean(0))
+    qy, _ = np.linalg.qr(y - y.mean(0))
+    return np.linalg.svd(qx.T @ qy, compute_uv=False)
+
+
+def test_cca_loss_is_the_mean_canonical_correlation():
+    rng = np.random.default_rng(0)
+    tokens, width = 400, 6
+    teacher = rng.normal(size=(tokens, width))
+    target = teacher @ rng.normal(size=(width, width)) + 0.8 * rng.normal(size=(tokens, width))
+    want = -canonical_correlations_qr(target, teacher).mean()
+    got = cca_alignment_loss(torch.tensor(target), torch.tensor(teacher), ridge=0.0)
+    assert float(got) == pytest.approx(want, rel=1e-9)
+    # Masked tokens are left out: the same as dropping them.
+    mask = rng.random(tokens) > 0.3
+    got = cca_alignment_loss(torch.tensor(target), torch.tensor(teacher), torch.tensor(mask), ridge=0.0)
+    assert float(got) == pytest.approx(-canonical_correlations_qr(target[mask], teacher[mask]).mean(), rel=1e-9)
+    # Invariant to invertible linear maps of either side (what distinguishes it from the cosine).
+    mixed = cca_alignment_loss(torch.tensor(target @ rng.normal(size=(width, width))), torch.tensor(teacher), ridge=0.0)
+    assert float(mixed) == pytest.approx(want, rel=1e-7)
+
+
+def test_cca_loss_interpolates_widths_and_has_a_sound_gradient():
+    torch.manual_seed(0)
+    target = torch.randn(2, 40, 9, dtype=torch.float64, requires_grad=True)  # [b, s, d_M], d_M ≠ d_T
+    teacher = torch.randn(2, 40, 5, dtype=torch.float64)
+    mask = (torch.rand(2, 40) > 0.2).double()
+    assert torch.autograd.gradcheck(lambda h: cca_alignment_loss(h, teacher, mask, ridge=1e-2), (target,))
+    loss = cca_alignment_loss(target, teacher, mask)
+    assert -1 <= float(loss.detach()) <= 0
+    # Perfectly linearly related states: every canonical correlation is 1.
+    same = cca_alignment_loss(teacher @ torch.randn(5, 5, dtype=torch.float64), teacher, ridge=0.0)
+    assert float(same) == pytest.approx(-1.0, abs=1e-9)
+
+
+def test_cca_sums_its_statistics_over_sequence_shards():
+    """Under sequence parallelism each rank holds part of the tokens: summing the statistics
+    (``reduce``) gives the loss of the whole microbatch. Two shards simulated in one process."""
+    torch.manual_seed(1)
+    target, teacher = torch.randn(64, 3, 10, dtype=torch.float64), torch.randn(64, 3, 8, dtype=torch.float64)
+    whole = cca_alignment_loss(target, teacher)
+    other = {}
+
+    def keep(stats):  # shard 0's view: its own statistics plus shard 1's
+        return stats + other["stats"]
+
+    def capture(stats):
+        other["stats"] = stats.detach()
+        return stats
+
+    cca_alignment_loss(target[32:], teacher[32:], reduce=capture)
+    assert float(cca_alignment_loss(target[:32], teacher[:32], reduce=keep)) == pytest.approx(float(whole), rel=1e-12)

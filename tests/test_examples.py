@@ -61,3 +61,31 @@ def test_real_smollm2_teacher_example_runs(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "split" not in r]
     assert [r["alignment_loss"] is not None for r in train] == [True, True, False]
+
+
+def test_real_smollm2_teacher_distils_on_the_last_stage(tmp_path):
+    """examples/kd_smollm2_135m.yaml: SmolLM2-135M's logits (its GGUF read in process, output
+    layer tied to the embedding) distilled at PP 2, SALT-style: KD, then NLL from stop_step."""
+    pytest.importorskip("gguf")
+    out = torchrun(
+        2,
+        "-m megatron_let.train",
+        "--config",
+        "examples/kd_smollm2_135m.yaml",
+        "--set",
+        "training.train_iters=3",
+        "--set",
+        "distillation.stop_step=2",
+        "--set",
+        "model.num_layers=2",
+        "--set",
+        f"checkpoint.save={tmp_path / 'ckpt'}",
+        timeout=1200,
+    )
+    assert "teacher 30 layers × 576 on the last pipeline stage" in out.stdout
+    records = [json.loads(line) for line in (tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "split" not in r]
+    assert [r["kd_loss"] is not None for r in train] == [True, True, False]
+    # A pretrained teacher's top-128 distribution is far from a random target's.
+    assert all(r["kd_loss"] > 0.5 for r in train[:2]), train
+    assert [r["lambda"] for r in train] == [0.5, 0.5, 0.0]

@@ -479,3 +479,20 @@ def test_the_command_errors_clearly_when_the_gpus_do_not_divide():
     ) in result.stderr
     code, _, err = run_plan("--config", str(REPO / "examples" / "let_7b_smollm2.yaml"), "--gpus", "24")
     assert code == 2 and "global_batch_size=2048 is not divisible by micro_batch_size × data-parallel size" in err
+
+
+def test_distillation_puts_the_teacher_and_its_kl_on_the_last_stage():
+    """method rkd at PP 2: the teacher and the KL's tensors (teacher logits in BF16 + four FP32
+    s·b·V/TP tensors, for each microbatch in flight on the last stage: one) count on stage 1."""
+    smollm2 = json.dumps(plan.TEACHER_ARCHITECTURES["smollm2-135m"])
+    cfg = load_config(
+        REPO / "examples" / "rkd_1.4b_smollm2.yaml",
+        ["parallel.pipeline_model_parallel_size=2", "teacher.load=null", f"teacher.model={smollm2}"],
+    )
+    estimate = plan.estimate(cfg, 32)
+    run = estimate.run
+    assert estimate.teacher.owner_rank == 1 and estimate.teacher.term == "KL"
+    first, last = estimate.stages
+    assert first.teacher_weights == first.alignment == 0 and last.teacher_weights > 0
+    assert last.alignment == pytest.approx(run.seq * run.micro * run.padded_vocab * (2 + 16))
+    assert "KL" in plan.render_brief(estimate) and "while the teacher runs" in plan.render_brief(estimate)

@@ -53,7 +53,7 @@ from typing import Optional
 
 import yaml
 
-from megatron_let.config import ConfigError, LETConfig, ModelConfig, resolve_layers
+from megatron_let.config import DISTILLATION_METHODS, ConfigError, LETConfig, ModelConfig, resolve_layers
 from megatron_let.run_config import load_run_config
 
 GIB = 1024**3
@@ -451,6 +451,13 @@ def alignment_bytes(teacher_hidden: int, seq: int, micro: int, tp: int, sp: bool
     return tokens * (8 * teacher_hidden + 8)
 
 
+def distillation_bytes(padded_vocab: int, seq: int, micro: int, tp: int, teacher_element: int) -> float:
+    """What logit distillation holds on the last stage per microbatch (megatron_let.distillation):
+    the teacher's logits (its precision) and their FP32 masked copy, the target logits' [s, b]
+    FP32 copy, and the two FP32 distributions the KL keeps for its backward — s·b·V/TP each."""
+    return seq * micro * padded_vocab / tp * (teacher_element + 4 * 4)
+
+
 # ---------------------------------------------------------------------------------------------
 # The estimate
 
@@ -467,6 +474,7 @@ class TeacherPlan:
     weights: float
     forward: float
     alignment_per_microbatch: float
+    term: str = "alignment"  # what the teacher feeds: the alignment loss (LET) or the KL (distillation)
 
 
 @dataclass
@@ -606,9 +614,14 @@ def estimate(
         ttp = layout.tensor_parallel
         tvocab = padded_vocab_size(tmodel.vocab_size, tmodel.make_vocab_size_divisible_by, ttp)
         tparams = stage_parameters(tmodel, ttp, 1, padded_vocab=tvocab)[0]["total"]
-        k, _ = resolve_layers(cfg)
-        rank = owner_rank(cfg, k)
-        per_microbatch = alignment_bytes(tmodel.hidden_size, run.seq, run.micro, run.tp, run.sp)
+        distilling = cfg.objective in DISTILLATION_METHODS
+        if distilling:  # the teacher's logits meet the target's on the last stage
+            k, rank = 0, run.pp - 1
+            per_microbatch = distillation_bytes(padded, run.seq, run.micro, run.tp, element)
+        else:
+            k, _ = resolve_layers(cfg)
+            rank = owner_rank(cfg, k)
+            per_microbatch = alignment_bytes(tmodel.hidden_size, run.seq, run.micro, run.tp, run.sp)
         teacher = TeacherPlan(
             model=tmodel,
             source=teacher_source,
@@ -620,11 +633,12 @@ def estimate(
             weights=tparams * element,
             forward=teacher_forward_bytes(tmodel, run.seq, run.micro, ttp, element, run.fused_attention),
             alignment_per_microbatch=per_microbatch,
+            term="KL" if distilling else "alignment",
         )
         stage = stages[rank]
         stage.teacher_weights, stage.teacher_forward = teacher.weights, teacher.forward
         stage.alignment = per_microbatch * in_flight(run.pp, run.vpp, rank, run.microbatches)
-        if not cfg.alignment_active:
+        if not cfg.alignment_active and not distilling:
             notes.append(
                 "alignment is off (alignment.enabled: false or lambda0 0): the teacher is still "
                 "counted, as the trainer builds it"
@@ -701,7 +715,9 @@ def render(plan: Plan) -> str:
             f"{placement}; from {teacher.source}"
         )
         lines.append(
-            f"         on pipeline stage {teacher.owner_rank} only (it owns target layer "
+            f"         on pipeline stage {teacher.owner_rank} only (the last: logit distillation)"
+            if teacher.term == "KL"
+            else f"         on pipeline stage {teacher.owner_rank} only (it owns target layer "
             f"k={teacher.target_layer}); freed at S_stop"
         )
     for note in plan.notes:
@@ -755,7 +771,14 @@ def render(plan: Plan) -> str:
             )
         )
         lines.append(row("teacher forward, one microbatch (no grad)", [_gib(s.teacher_forward) for s in stages]))
-        lines.append(row("alignment loss, saved for backward", [_gib(s.alignment) for s in stages]))
+        lines.append(
+            row(
+                "KL: teacher logits, copies, saved distributions"
+                if teacher.term == "KL"
+                else "alignment loss, saved for backward",
+                [_gib(s.alignment) for s in stages],
+            )
+        )
     totals = [s.total(run) for s in stages]
     lines.append(row("total (configured)", [_gib(t) for t in totals]))
     if teacher is not None:
@@ -802,13 +825,18 @@ def render_brief(plan: Plan) -> str:
     if plan.teacher is not None:
         lines.append(
             f"  teacher weights {_gib(stage.teacher_weights)} + forward {_gib(stage.teacher_forward)} + "
-            f"alignment {_gib(stage.alignment)} (until S_stop)"
+            f"{plan.teacher.term} {_gib(stage.alignment)} "
+            + ("(until S_stop)" if plan.teacher.term == "alignment" else "(while the teacher runs)")
         )
     after = peak - stage.teacher_weights - stage.teacher_forward - stage.alignment
     verdict = "fits" if peak <= plan.gpu_memory_gib * GIB else "does NOT fit"
     lines.append(
         f"  total {_gib(peak)} of {plan.gpu_memory_gib:g}"
-        + (f" ({_gib(after)} after S_stop)" if plan.teacher else "")
+        + (
+            f" ({_gib(after)} {'after S_stop' if plan.teacher.term == 'alignment' else 'once it is released'})"
+            if plan.teacher
+            else ""
+        )
         + f": {verdict}"
     )
     if plan.teacher is None and any(note.startswith("teacher unknown") for note in plan.notes):
@@ -907,7 +935,7 @@ def load_for_plan(path: str, overrides: list[str], teacher_arch: list[str]) -> t
                 f"teacher unknown: {where}; pass --teacher-arch NAME (one of "
                 f"{', '.join(TEACHER_ARCHITECTURES)}) or KEY=VALUE,... to include it"
             )
-            extra = ["teacher=null"]
+            extra = ["teacher=null", "method=nll"]  # the objective's memory goes with the teacher
     try:
         cfg = load_run_config(path, list(overrides) + extra)
     except ConfigError as err:
@@ -915,7 +943,7 @@ def load_for_plan(path: str, overrides: list[str], teacher_arch: list[str]) -> t
             raise
         # The teacher's checkpoint / Hugging Face model is here but cannot be read: leave it out.
         notes.append(f"teacher unknown: {err}")
-        cfg = load_run_config(path, list(overrides) + ["teacher=null"])
+        cfg = load_run_config(path, list(overrides) + ["teacher=null", "method=nll"])
         source = ""
     return cfg, source, notes
 

@@ -23,12 +23,13 @@ from typing import Optional
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from megatron.core.utils import make_viewless_tensor
 
-from megatron_let.alignment import cosine_similarity, logsum_distance
+from megatron_let.alignment import cca_alignment_loss, cosine_similarity, logsum_distance
 
 
 def layer_owner(config: TransformerConfig, layer: int) -> tuple[int, Optional[int]]:
@@ -87,10 +88,12 @@ class AlignmentHook:
         loss: str = "cosine",
         logsum_exponent: float = 4.0,
         sequence_parallel: bool = False,
+        cca_ridge: float = 1e-3,
     ):
         self.layer = layer
         self.loss = loss
         self.logsum_exponent = logsum_exponent
+        self.cca_ridge = cca_ridge
         self.sequence_parallel = sequence_parallel
         self._pending: Optional[tuple] = None
         self._awaiting_recompute: deque = deque()  # microbatches whose layer k runs again in backward
@@ -140,14 +143,23 @@ class AlignmentHook:
             total_tokens = loss_mask.sum().clamp(min=1).to(hidden.device, torch.float32)  # stays on the device
 
         cos = cosine_similarity(hidden, teacher_local)  # [s_local, b], fp32
-        if self.loss == "cosine":
-            per_token = -cos
+        if self.loss == "cca":
+            # One value per microbatch, from statistics summed over the sequence shards (SP): the
+            # same on every TP rank, each rank's backward reaching its own tokens.
+            reduce = reduce_from_tensor_model_parallel_region if self.sequence_parallel else None
+            microbatch_loss = cca_alignment_loss(hidden, teacher_local, mask_local, self.cca_ridge, reduce)
+            aux = weight * microbatch_loss
+            # As a token-weighted sum (this shard's tokens), so that the metrics' sums give the loss.
+            local_loss = microbatch_loss * mask_local.sum() / total_tokens
         else:
-            per_token = logsum_distance(hidden, teacher_local, self.logsum_exponent)
-        # Local sum over the global token count: summed over TP shards (SP) this is the
-        # per-token mean of the whole microbatch.
-        local_loss = (per_token * mask_local).sum() / total_tokens
-        aux = weight * local_loss
+            if self.loss == "cosine":
+                per_token = -cos
+            else:
+                per_token = logsum_distance(hidden, teacher_local, self.logsum_exponent)
+            # Local sum over the global token count: summed over TP shards (SP) this is the
+            # per-token mean of the whole microbatch.
+            local_loss = (per_token * mask_local).sum() / total_tokens
+            aux = weight * local_loss
 
         with torch.no_grad():
             self.metrics.add(torch.stack([local_loss * total_tokens, (cos * mask_local).sum(), mask_local.sum()]))

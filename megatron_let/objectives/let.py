@@ -79,6 +79,7 @@ class LETObjective(Objective):
                 layer,
                 loss=self.align.loss,
                 logsum_exponent=self.align.logsum_exponent,
+                cca_ridge=self.align.cca_ridge,
                 sequence_parallel=self.cfg.parallel.sequence_parallel,
             )
         self.owner_stage = (owner_pp, owner_vp)

@@ -16,7 +16,7 @@ JOBS.json is a list of jobs, run in order; each job is a dict with a "kind":
                would hide a swapped bias or norm), the same on every rank that holds a replica.
 * hf_teacher   {hf, tokens, out}: the trainer's Teacher (objectives.teacher) at this TP, its weights
                read from the Hugging Face directory in this process; rank 0 saves its final hidden
-               state [b, s, h] to ``out``.
+               state [b, s, h] and its logits [b, s, V] (gathered over TP) to ``out``.
 * read_ckpt    {ckpt, out}: read_checkpoint (TP=PP=1) → (ModelConfig dict, state dict) to ``out``.
 """
 
@@ -114,8 +114,16 @@ def main():
             teacher.load_hugging_face(job["hf"])
             tokens = torch.load(job["tokens"])
             b, s = tokens.shape
-            hidden = teacher.hidden_states(tokens, torch.arange(s).unsqueeze(0).expand(b, s), None)
-            save({"hidden": hidden.transpose(0, 1)}, job["out"])
+            positions = torch.arange(s).unsqueeze(0).expand(b, s)
+            hidden = teacher.hidden_states(tokens, positions, None)
+            logits = teacher.logits(tokens, positions, None)  # [s, b, V/TP]: what logit distillation reads
+            parts = [torch.empty_like(logits) for _ in range(world)]
+            dist.all_gather(parts, logits.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+            vocab = teacher_cfg.model.vocab_size
+            save(
+                {"hidden": hidden.transpose(0, 1), "logits": torch.cat(parts, dim=-1)[..., :vocab].transpose(0, 1)},
+                job["out"],
+            )
         elif kind == "cli":
             assert convert.main(job["argv"]) == 0, job["argv"]
         elif kind == "ckpt_logits":

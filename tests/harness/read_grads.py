@@ -1,5 +1,6 @@
 """Single process: read gradient dumps written by one_step.py back at TP=PP=1, and compute the
-direct reference — the same step's gradients by plain autograd of Σ_m (LM_m + λ·L_align,m) / M,
+direct reference — the same step's gradients by plain autograd of Σ_m (LM_m + λ·L_align,m) / M
+(L_align: the config's cosine or CCA loss),
 without the hook, the aux-loss scaler or megatron's schedule.
 
 Usage: read_grads.py --config BASE.yaml --set ... --out grads.pt [--direct] DUMP_DIR ...
@@ -20,7 +21,7 @@ def main():
     args = parser.parse_args()
 
     from megatron_let import checkpoint
-    from megatron_let.alignment import alignment_weight, cosine_alignment_loss
+    from megatron_let.alignment import alignment_weight, cca_alignment_loss, cosine_alignment_loss
     from megatron_let.model.gpt import unwrap
     from megatron_let.platform import distributed as parallel
     from megatron_let.run_config import load_run_config as load_config
@@ -52,7 +53,10 @@ def main():
             loss = (per_token * mask).sum() / mask.sum()
             if weight > 0:
                 teacher = trainer.objective.teacher.hidden_states(batch["tokens"], batch["position_ids"], None)
-                loss = loss + weight * cosine_alignment_loss(captured["h"], teacher, mask.t())
+                if cfg.alignment.loss == "cca":
+                    loss = loss + weight * cca_alignment_loss(captured["h"], teacher, mask.t(), cfg.alignment.cca_ridge)
+                else:
+                    loss = loss + weight * cosine_alignment_loss(captured["h"], teacher, mask.t())
             total = total + loss / m
         grads = torch.autograd.grad(total, params)
         result["direct"] = {n: g for (n, _), g in zip(gpt.named_parameters(), grads)}
