@@ -144,6 +144,32 @@ def case_teacher_checkpoint_incomplete(tmp_path, token_data, saved_run):
     return cfg, [], f"teacher.load: {iteration_dir}: incomplete checkpoint (no common.pt)"
 
 
+def case_distillation_without_a_teacher(tmp_path, token_data, saved_run):
+    return tiny_config(token_data, teacher=None, method="kd"), [], "method: kd needs a teacher: section"
+
+
+def case_reverse_kl_over_the_top_k(tmp_path, token_data, saved_run):
+    cfg = tiny_config(token_data, method="rkd", distillation={"reverse": True, "top_k": 16})
+    return cfg, [], "distillation.reverse: reverse KL needs the teacher's whole distribution"
+
+
+def case_salt_without_its_switch_step(tmp_path, token_data, saved_run):
+    return tiny_config(token_data), ["method=salt"], "distillation.stop_step: method salt needs it"
+
+
+def case_top_k_beyond_the_vocabulary(tmp_path, token_data, saved_run):
+    cfg = tiny_config(token_data, method="kd", distillation={"top_k": VOCAB + 1})
+    return cfg, [], f"distillation.top_k: must be in [1, model.vocab_size={VOCAB}] or null, got {VOCAB + 1}"
+
+
+def case_unknown_alignment_loss(tmp_path, token_data, saved_run):
+    return (
+        tiny_config(token_data),
+        ["alignment.loss=cka"],
+        "alignment.loss: 'cka' is not one of 'cosine', 'logsum', 'cca'",
+    )
+
+
 CASES = [value for name, value in sorted(globals().items()) if name.startswith("case_")]
 
 
