@@ -41,7 +41,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -50,6 +49,8 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
+
+from megatron_let.platform.files import HOST, process_alive  # stdlib only: no torch here
 
 TOKENIZER_TYPES = ("GPT2BPETokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer", "HuggingFaceTokenizer")
 # EOS/EOD spellings tried, in order, for a bare tokenizer.json that does not say which it uses.
@@ -427,7 +428,6 @@ class _EncoderPool:
 # ---------------------------------------------------------------------------------------------
 # Output files: directories, temporary names, what is already there
 
-HOST = socket.gethostname()
 TEMP_TAG = ".tmp-"
 
 
@@ -435,16 +435,6 @@ def temp_path(final: str) -> str:
     """Where ``final`` is written until it is complete: beside it, named after this host and
     process, so that a later run can tell whether the writer is still alive."""
     return f"{final}{TEMP_TAG}{HOST}-{os.getpid()}"
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def remove_stale_temps(finals: Iterable[str], log: IO[str]) -> list[str]:
@@ -463,7 +453,7 @@ def remove_stale_temps(finals: Iterable[str], log: IO[str]) -> list[str]:
                     f"note: leaving {temp}: written on host {host}, whose processes cannot be checked from here",
                     file=log,
                 )
-            elif int(pid) != os.getpid() and _process_alive(int(pid)):
+            elif int(pid) != os.getpid() and process_alive(int(pid)):
                 print(f"note: leaving {temp}: process {pid} that writes it is still running", file=log)
             else:
                 try:
