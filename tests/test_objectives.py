@@ -1,6 +1,6 @@
 """Logit distillation (method kd / rkd / salt) through the real trainer on real megatron-core.
 
-One step under TP 2, PP 2 and DP 2 equals the single-process step (losses and every gradient,
+One step under TP 2 (with and without sequence parallelism), PP 2 and DP 2 equals the single-process step (losses and every gradient,
 read back at TP=PP=1 through megatron's resharding); the single-process step equals plain
 autograd of Σ_m mean_t[(1 − α)·NLL + α·τ²·KL] / M written with torch's own cross-entropy,
 log_softmax and top-k on full logits. The vocabulary (500) is padded (to 512), and the teachers
@@ -47,6 +47,13 @@ STEPS = {
     "tp2": (2, "A", KD, ["parallel.tensor_model_parallel_size=2"], "reference"),
     "pp2": (2, "A", KD, ["parallel.pipeline_model_parallel_size=2"], "reference"),
     "dp2": (2, "A", KD, [], "reference"),
+    "tp2_sequence_parallel": (
+        2,
+        "A",
+        KD,
+        ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"],
+        "reference",
+    ),
     "reverse_reference": (1, "B", REVERSE, [], None),
     "reverse_tp2_replicated_teacher": (2, "B", REVERSE, ["parallel.tensor_model_parallel_size=2"], "reverse_reference"),
 }
@@ -55,6 +62,7 @@ TEACHER_RANKS = {  # the last pipeline stage only (rank order: TP fastest, then 
     "tp2": [0, 1],
     "pp2": [1],
     "dp2": [0, 1],
+    "tp2_sequence_parallel": [0, 1],
     "reverse_reference": [0],
     "reverse_tp2_replicated_teacher": [0, 1],
 }
