@@ -59,6 +59,14 @@ def _all_reduce(tensor: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tens
     return tensor
 
 
+def gather_columns(tensor: torch.Tensor, group) -> torch.Tensor:
+    """All vocabulary columns of a tensor split over ``group`` along its last dimension (each
+    rank's slice, in rank order)."""
+    parts = [torch.empty_like(tensor) for _ in range(_group_size(group))]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
 def log_softmax(logits: torch.Tensor, tau: float, vocab_size: int, group=None) -> torch.Tensor:
     """log softmax(z / τ) over the whole (split) vocabulary, this rank's columns; no autograd."""
     with torch.no_grad():
@@ -93,13 +101,8 @@ def top_k_logits(
         local_k = min(k, logits.shape[-1])
         values, indices = logits.topk(local_k, dim=-1)
         indices = indices + start
-        size = _group_size(group)
-        if size > 1:
-            gathered_values = [torch.empty_like(values) for _ in range(size)]
-            gathered_indices = [torch.empty_like(indices) for _ in range(size)]
-            dist.all_gather(gathered_values, values.contiguous(), group=group)
-            dist.all_gather(gathered_indices, indices.contiguous(), group=group)
-            values, indices = torch.cat(gathered_values, -1), torch.cat(gathered_indices, -1)
+        if _group_size(group) > 1:
+            values, indices = gather_columns(values, group), gather_columns(indices, group)
         k = min(k, vocab_size)
         values, chosen = values.topk(k, dim=-1)
         return values, indices.gather(-1, chosen)

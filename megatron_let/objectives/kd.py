@@ -16,23 +16,15 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.utils import get_attr_wrapped_model
 
 from megatron_let.config import LETConfig, TeacherConfig
-from megatron_let.distillation import kl_divergence
+from megatron_let.distillation import gather_columns, kl_divergence
 from megatron_let.flops import FlopsCounter, megatron_lm_flops_per_token, teacher_flops_per_token
 from megatron_let.model.gpt import Kernels
 from megatron_let.objectives.base import Objective
 from megatron_let.objectives.teacher import Teacher, load_teacher_weights, teacher_model
-
-
-def _gather_columns(logits: torch.Tensor, group) -> torch.Tensor:
-    """All vocabulary columns of tensor-parallel logits (each rank's slice, in rank order)."""
-    parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, logits.contiguous(), group=group)
-    return torch.cat(parts, dim=-1)
 
 
 class KDObjective(Objective):
@@ -125,7 +117,7 @@ class KDObjective(Objective):
         teacher_tp = self.teacher.layout.tensor_parallel if self.teacher else 1
         if teacher_tp == tp and teacher_logits.shape[-1] == width:
             return teacher_logits
-        full = _gather_columns(teacher_logits, self.tp_group) if teacher_tp > 1 else teacher_logits
+        full = gather_columns(teacher_logits, self.tp_group) if teacher_tp > 1 else teacher_logits
         start = parallel_state.get_tensor_model_parallel_rank() * width
         mine = full[..., start : start + width]
         if mine.shape[-1] < width:
