@@ -364,14 +364,28 @@ def load_checkpoint(
     scheduler,
     load_optimizer: bool = True,
     common_state: Optional[dict] = None,
+    absent_ok: tuple[str, ...] = (),
 ) -> dict:
     """Collective. Loads model (and optimizer, scheduler, RNG) in place; returns the common
-    state (iteration, consumed_samples, config): ``common_state`` if the caller read it already."""
+    state (iteration, consumed_samples, config): ``common_state`` if the caller read it already.
+
+    ``absent_ok``: model-key prefixes the checkpoint may lack (parameters a training objective
+    adds, e.g. a regressor, when the checkpoint was written by another method): those keep their
+    initial values, and the optimizer starts afresh (its saved state does not cover them); the
+    common state then says ``"fresh": [the keys]``."""
     directory = resolve_checkpoint(path)
     common = common_state
     if common is None:
         common = _readable(directory, lambda: dist_checkpointing.load_common_state_dict(str(directory)))
-    with_optimizer = load_optimizer and optimizer is not None and common.get("has_optimizer", False)
+    fresh = _absent_keys(directory, model_chunks, absent_ok) if absent_ok else []
+    # Every rank loads the optimizer, or none does (the regressor lives on one stage only).
+    device = next(unwrap(model_chunks[0]).parameters()).device
+    fresh_anywhere = torch.tensor([float(bool(fresh))], device=device)
+    if absent_ok and dist.is_initialized():
+        dist.all_reduce(fresh_anywhere, op=dist.ReduceOp.MAX)
+    with_optimizer = (
+        load_optimizer and optimizer is not None and common.get("has_optimizer", False) and not fresh_anywhere.item()
+    )
     if with_optimizer:
         # Materialise Adam's moments so there is somewhere to load them into, laid out as saved.
         metadata = dist_checkpointing.load_content_metadata(str(directory)) or {}
@@ -381,17 +395,22 @@ def load_checkpoint(
         )
     else:
         state = _model_state(model_chunks)
+        for chunk_state in state.values():
+            for key in [k for k in chunk_state if k.startswith(absent_ok)] if fresh else []:
+                del chunk_state[key]
     # RNG states are per (PP, TP) rank and cannot be resharded: restore them on the same layout only.
     with_rng = with_optimizer and common.get("rng_layout") == list(_rng_layout())
     if with_rng:
         state["rng_state"] = _rng_object()
     loaded = _readable(directory, lambda: dist_checkpointing.load(state, str(directory)))
     for i, chunk in enumerate(model_chunks):
-        unwrap(chunk).load_state_dict(loaded[_model_key(i, len(model_chunks))])
+        unwrap(chunk).load_state_dict(loaded[_model_key(i, len(model_chunks))], strict=not fresh)
     if with_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
-        if scheduler is not None and common.get("opt_param_scheduler"):
-            scheduler.load_state_dict(common["opt_param_scheduler"])
+    if (with_optimizer or fresh) and scheduler is not None and common.get("opt_param_scheduler"):
+        scheduler.load_state_dict(common["opt_param_scheduler"])
+    if fresh:
+        common = {**common, "fresh": fresh}
     if with_rng:
         rng = loaded["rng_state"]
         random.setstate(rng["random"])
@@ -404,6 +423,18 @@ def load_checkpoint(
 
             set_tracker_states(rng["tracker"])
     return common
+
+
+def _absent_keys(directory: Path, model_chunks: list, prefixes: tuple[str, ...]) -> list[str]:
+    """The model keys starting with ``prefixes`` that this rank asks for and the checkpoint lacks."""
+    saved = _readable(directory, lambda: dist_checkpointing.load_tensors_metadata(str(directory)))
+    wanted = [
+        f"{key}"
+        for chunk in model_chunks
+        for key, item in unwrap(chunk).sharded_state_dict().items()
+        if key.startswith(prefixes) and getattr(item, "key", key) not in saved
+    ]
+    return sorted(set(wanted))
 
 
 def load_model_weights(path: str | Path, model: Optional[torch.nn.Module]) -> None:

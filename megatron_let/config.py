@@ -102,9 +102,11 @@ class AlignmentConfig:
 
 # The training objective (megatron_let.objectives): plain pretraining, LET, or logit distillation
 # (kd; rkd is KD from a teacher smaller than the target, the LET paper's baseline; salt is KD for
-# distillation.stop_step steps, then NLL).
-Method = Literal["nll", "let", "kd", "rkd", "salt"]
-DISTILLATION_METHODS = ("kd", "rkd", "salt")
+# distillation.stop_step steps, then NLL), or hidden-layer distillation (hldc: KD plus a hint
+# term on a middle layer through a learned regressor).
+Method = Literal["nll", "let", "kd", "rkd", "salt", "hldc"]
+DISTILLATION_METHODS = ("kd", "rkd", "salt", "hldc")  # the methods with a logit-distillation term
+HIDDEN_LAYER_METHODS = ("hldc",)  # the methods with a learned regressor (hld: section)
 
 
 @dataclass
@@ -120,6 +122,18 @@ class DistillationConfig:
     reverse: bool = False  # KL(p_S^τ ‖ p_T^τ) instead (needs top_k: null)
     # KD for the steps before it, then NLL with the teacher released (salt needs it).
     stop_step: Optional[int] = None
+
+
+@dataclass
+class HiddenLayerDistillationConfig:
+    """Hidden-layer distillation (method hldc): the compute-matched paper's Eq. 3,
+    (1 − alpha)·NLL + alpha·τ²·KL + gamma·MSE(H_T/‖H_T‖, W_R·H_S/‖W_R·H_S‖) per token, the norms
+    per token over the hidden dimension; W_R a learned linear map d_S → d_T (no bias) trained with
+    the student (in its optimizer and checkpoint). alpha, τ, top_k and stop_step: distillation:."""
+
+    gamma: float = 0.05  # weight of the hint (embedding) term
+    student_layer: Optional[int] = None  # 1-based; None: D_S/2 (the output of that layer)
+    teacher_layer: Optional[int] = None  # 1-based; None: D_T/2
 
 
 @dataclass
@@ -247,6 +261,7 @@ class LETConfig:
     method: Optional[Method] = None
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
     distillation: DistillationConfig = field(default_factory=DistillationConfig)
+    hld: HiddenLayerDistillationConfig = field(default_factory=HiddenLayerDistillationConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -514,6 +529,22 @@ def validate(cfg: LETConfig, where=lambda key: "config") -> None:
     if cfg.objective == "salt" and distill.stop_step is None:
         bad("distillation.stop_step", "method salt needs it: the step at which KD gives way to NLL")
 
+    hld = cfg.hld
+    if hld.gamma < 0:
+        bad("hld.gamma", f"must be >= 0, got {hld.gamma}")
+    if cfg.objective in HIDDEN_LAYER_METHODS and hld.student_layer is not None:
+        if not 1 <= hld.student_layer <= cfg.model.num_layers:
+            bad(
+                "hld.student_layer",
+                f"layer {hld.student_layer} does not exist: model.num_layers={cfg.model.num_layers}",
+            )
+    if cfg.objective in HIDDEN_LAYER_METHODS and hld.teacher_layer is not None and teacher_model is not None:
+        if not 1 <= hld.teacher_layer <= teacher_model.num_layers:
+            bad(
+                "hld.teacher_layer",
+                f"layer {hld.teacher_layer} does not exist: teacher.model.num_layers={teacher_model.num_layers}",
+            )
+
     align = cfg.alignment
     # A named strategy chooses the layers itself (resolve_layers), whatever target_layer says.
     if cfg.alignment_active and align.strategy is None and not 1 <= align.target_layer <= cfg.model.num_layers:
@@ -665,6 +696,16 @@ def resolve_layers(cfg: LETConfig) -> tuple[int, Optional[int]]:
             f"alignment.strategy {align.strategy} needs the teacher's layer count: resolve teacher.model first"
         )
     return target, max(1, cfg.teacher.model.num_layers // 2)
+
+
+def resolve_hint_layers(cfg: LETConfig) -> tuple[int, int]:
+    """(student layer, teacher layer), 1-based, of hidden-layer distillation's hint term: hld:'s,
+    else the middle of each model (D_S/2, D_T/2, the compute-matched paper's choice)."""
+    if cfg.teacher is None or cfg.teacher.model is None:
+        raise ValueError("the hint term needs the teacher's layer count: resolve teacher.model first")
+    student = cfg.hld.student_layer or max(1, cfg.model.num_layers // 2)
+    teacher = cfg.hld.teacher_layer or max(1, cfg.teacher.model.num_layers // 2)
+    return student, teacher
 
 
 def to_dict(cfg) -> dict:

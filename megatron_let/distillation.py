@@ -195,3 +195,16 @@ def kl_divergence(
             values, indices = top_k_logits(teacher_logits, top_k, vocab_size, group)
             target = top_k_target(values, indices, tau, student_logits.shape[-1], group)
     return _ForwardKL.apply(student_logits, target.probs, target.log_probs, tau, vocab_size, group)
+
+
+def hint_distance(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Hidden-layer distillation's normalised hint loss per token (the compute-matched paper's
+    Eq. 4 and L_emb): the mean over the d_T coordinates of (t/‖t‖ − s/‖s‖)², each state divided by
+    its own L2 norm over the hidden dimension (Appendix A.1: the residual streams of teacher and
+    student differ in scale). ``student`` is the regressor's output. [..., d_T] → [...], fp32; it
+    equals (2 − 2·cos)/d_T, kept in this form so its gradient is the plain MSE's."""
+    s = student.float()
+    t = teacher.float()
+    s = s / s.norm(dim=-1, keepdim=True).clamp(min=eps)
+    t = t / t.norm(dim=-1, keepdim=True).clamp(min=eps)
+    return (t - s).pow(2).mean(dim=-1)

@@ -1,9 +1,11 @@
-"""Logit distillation (method kd / rkd / salt) through the real trainer on real megatron-core.
+"""Logit and hidden-layer distillation (method kd / rkd / salt / hldc) through the real trainer on
+real megatron-core.
 
-One step under TP 2 (with and without sequence parallelism), PP 2 and DP 2 equals the single-process step (losses and every gradient,
-read back at TP=PP=1 through megatron's resharding); the single-process step equals plain
-autograd of Σ_m mean_t[(1 − α)·NLL + α·τ²·KL] / M written with torch's own cross-entropy,
-log_softmax and top-k on full logits. The vocabulary (500) is padded (to 512), and the teachers
+One step under TP 2 (with and without sequence parallelism), PP 2 and DP 2 equals the
+single-process step (losses and every gradient, hldc's regressor W_R included, read back at
+TP=PP=1 through megatron's resharding); the single-process step equals plain autograd of
+Σ_m mean_t[(1 − α)·NLL + α·τ²·KL (+ γ·hint)] / M written with torch's own cross-entropy,
+log_softmax, top-k, normalize and mse_loss on full logits. The vocabulary (500) is padded (to 512), and the teachers
 pad or split it differently from the target: split into other widths (teacher A at TP 2), or
 replicated on each TP rank (teacher B, whose 3 heads do not divide TP 2). SALT switches to NLL
 exactly at its step, and a run resumed from a checkpoint continues with identical losses.
@@ -41,6 +43,10 @@ TEACHERS = {"A": teacher(2, 100), "B": teacher(3, 128)}  # A: 500 columns at TP 
 KD = ["method=kd", "distillation.alpha=0.6", "distillation.temperature=2.0", "distillation.top_k=16"]
 REVERSE = ["method=rkd", "distillation.alpha=0.4", "distillation.temperature=1.5", "distillation.top_k=null"]
 REVERSE += ["distillation.reverse=true"]
+# γ large enough that the hint term's gradient is a visible part of the step's.
+HLDC = ["method=hldc", "distillation.alpha=0.6", "distillation.temperature=2.0", "distillation.top_k=16"]
+HLDC += ["hld.gamma=2.0"]
+TP2_SP = ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]
 # name: (processes, teacher, method overrides, layout overrides, reference)
 STEPS = {
     "reference": (1, "A", KD, [], None),
@@ -56,8 +62,13 @@ STEPS = {
     ),
     "reverse_reference": (1, "B", REVERSE, [], None),
     "reverse_tp2_replicated_teacher": (2, "B", REVERSE, ["parallel.tensor_model_parallel_size=2"], "reverse_reference"),
+    # hldc: the hint layer (student 2 of 4) is on stage 0 at PP 2, the logits on stage 1.
+    "hldc_reference": (1, "A", HLDC, [], None),
+    "hldc_tp2_sequence_parallel": (2, "A", HLDC, TP2_SP, "hldc_reference"),
+    "hldc_pp2": (2, "A", HLDC, ["parallel.pipeline_model_parallel_size=2"], "hldc_reference"),
+    "hldc_dp2": (2, "A", HLDC, [], "hldc_reference"),
 }
-TEACHER_RANKS = {  # the last pipeline stage only (rank order: TP fastest, then DP, then PP)
+TEACHER_RANKS = {  # the last pipeline stage (and hldc's hint stage); rank order: TP fastest, then DP, then PP
     "reference": [0],
     "tp2": [0, 1],
     "pp2": [1],
@@ -65,6 +76,10 @@ TEACHER_RANKS = {  # the last pipeline stage only (rank order: TP fastest, then 
     "tp2_sequence_parallel": [0, 1],
     "reverse_reference": [0],
     "reverse_tp2_replicated_teacher": [0, 1],
+    "hldc_reference": [0],
+    "hldc_tp2_sequence_parallel": [0, 1],
+    "hldc_pp2": [0, 1],
+    "hldc_dp2": [0, 1],
 }
 
 
@@ -102,7 +117,11 @@ def runs(tmp_path_factory, data):
         metrics[name] = json.loads((root / name / "metrics.json").read_text())
 
     grads = {}
-    for reference, which, method in (("reference", "A", KD), ("reverse_reference", "B", REVERSE)):
+    for reference, which, method in (
+        ("reference", "A", KD),
+        ("reverse_reference", "B", REVERSE),
+        ("hldc_reference", "A", HLDC),
+    ):
         dumps = [
             str(root / name / "grads") for name, step in STEPS.items() if name == reference or step[4] == reference
         ]
@@ -132,6 +151,9 @@ def test_a_distillation_step_under_tp_pp_dp_equals_the_single_process_step(runs,
     assert ours["lm_loss"] == pytest.approx(ref["lm_loss"], rel=LOSS_RTOL)
     assert ours["kd_loss"] == pytest.approx(ref["kd_loss"], rel=LOSS_RTOL, abs=KL_ATOL)
     assert ours["kd_loss"] > 1e-3 and ours["lambda"] == ref["lambda"] > 0  # the KL term is really there
+    if name.startswith("hldc"):
+        assert ours["hint_loss"] == pytest.approx(ref["hint_loss"], rel=LOSS_RTOL)
+        assert ours["hint_loss"] > 1e-3
     difference = max_relative_difference(grads[name], grads[reference])
     print(
         f"\n{name}: lm loss {ours['lm_loss']:.6f}, kd loss {ours['kd_loss']:.6f}, gradient difference {difference:.2e}"
@@ -139,7 +161,7 @@ def test_a_distillation_step_under_tp_pp_dp_equals_the_single_process_step(runs,
     assert difference < GRAD_RTOL
 
 
-@pytest.mark.parametrize("reference", ["reference", "reverse_reference"])
+@pytest.mark.parametrize("reference", ["reference", "reverse_reference", "hldc_reference"])
 def test_the_single_process_step_equals_plain_autograd(runs, reference):
     _, grads = runs
     difference = max_relative_difference(grads[reference], grads[f"{reference}_direct"])
@@ -148,7 +170,7 @@ def test_the_single_process_step_equals_plain_autograd(runs, reference):
 
 
 @pytest.mark.parametrize("name", list(STEPS))
-def test_the_teacher_lives_on_the_last_stage_only(runs, name):
+def test_the_teacher_lives_only_where_its_outputs_are_needed(runs, name):
     metrics, _ = runs
     assert metrics[name]["teacher_ranks"] == TEACHER_RANKS[name]
 
@@ -157,25 +179,39 @@ def records(path):
     return [json.loads(line) for line in path.read_text().splitlines() if "split" not in line]
 
 
-def test_salt_switches_at_its_step_and_a_resumed_run_continues_identically(tmp_path, data):
-    """SALT at PP 2: KD for 3 steps, then NLL with the teacher released; once straight through 6
-    steps, once stopped at step 2 (exit_interval, in the KD phase) and resumed, stopped at 4 (past
-    the switch) and resumed."""
+RESUMED = {
+    # method: (method config, layout); both release the teacher at step 3 of 6
+    "salt": ({"distillation": {"alpha": 0.5, "temperature": 1.0, "top_k": 8, "stop_step": 3}}, "pp2"),
+    "hldc": (
+        {"distillation": {"alpha": 0.5, "top_k": 8, "stop_step": 3}, "hld": {"gamma": 1.0}},
+        "pp2",
+    ),
+}
+
+
+@pytest.mark.parametrize("method", list(RESUMED))
+def test_the_teacher_leaves_at_stop_step_and_a_resumed_run_continues_identically(tmp_path, data, method):
+    """At PP 2: distillation for 3 steps, then NLL with the teacher released (hldc's W_R stays in
+    the model and its checkpoint); once straight through 6 steps, once stopped at step 2
+    (exit_interval, with the teacher) and resumed, stopped at 4 (past the switch) and resumed."""
+    sections, _ = RESUMED[method]
     cfg = base_config(
         data,
-        method="salt",
-        distillation={"alpha": 0.5, "temperature": 1.0, "top_k": 8, "stop_step": 3},
+        method=method,
         training={"train_iters": 6},
         parallel={"pipeline_model_parallel_size": 2},
+        **sections,
     )
     straight = write_config(tmp_path / "straight.yaml", {**cfg, "checkpoint": {"save": str(tmp_path / "straight")}})
     out = torchrun(2, "-m megatron_let.train", "--config", str(straight)).stdout
-    assert "salt: (1 − 0.5)·NLL + 0.5·τ²·KL(p_T‖p_S), τ 1.0, teacher top-8 renormalised, until step 3" in out
+    assert f"{method}: (1 − 0.5)·NLL + 0.5·τ²·KL(p_T‖p_S), τ 1.0, teacher top-8 renormalised, until step 3" in out
     assert "iteration 4: distillation ends (distillation.stop_step=3)" in out
     done = records(tmp_path / "straight" / "metrics.jsonl")
     assert [r["lambda"] for r in done] == [0.5, 0.5, 0.5, 0.0, 0.0, 0.0]
     assert all(r["kd_loss"] > 0 for r in done[:3]) and all(r["kd_loss"] is None for r in done[3:])
     assert "kd loss" in out and "α 0.5" in out
+    if method == "hldc":
+        assert all(r["hint_loss"] > 0 for r in done[:3]) and all(r["hint_loss"] is None for r in done[3:])
 
     resumed = tmp_path / "resumed"
     split = {**cfg, "checkpoint": {"save": str(resumed), "load": str(resumed)}}
@@ -187,6 +223,7 @@ def test_salt_switches_at_its_step_and_a_resumed_run_continues_identically(tmp_p
     assert [r["iteration"] for r in again] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(done, again):
         assert b["lm_loss"] == pytest.approx(a["lm_loss"], rel=1e-6), a["iteration"]
-        assert (b["kd_loss"] is None) == (a["kd_loss"] is None)
-        if a["kd_loss"] is not None:
-            assert b["kd_loss"] == pytest.approx(a["kd_loss"], rel=1e-6), a["iteration"]
+        for key in ("kd_loss", "hint_loss") if method == "hldc" else ("kd_loss",):
+            assert (b[key] is None) == (a[key] is None)
+            if a[key] is not None:
+                assert b[key] == pytest.approx(a[key], rel=1e-6), (key, a["iteration"])

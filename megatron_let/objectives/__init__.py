@@ -7,14 +7,36 @@ knows no method's details.
   frozen teacher (:mod:`.hook`, :mod:`.teacher`), weighted by λ(step) and released at S_stop.
 - :class:`~megatron_let.objectives.kd.KDObjective`: logit distillation (``kd``, ``rkd``, ``salt``)
   from a teacher on the last pipeline stage, on vocab-parallel logits.
+- :class:`~megatron_let.objectives.hld.HLDCObjective`: logit distillation plus a hint term on a
+  middle layer through a learned regressor (``hldc``), the regressor added to the model by
+  :func:`add_trainable_modules` before megatron wraps it.
 """
 
 from __future__ import annotations
 
-from megatron_let.config import DISTILLATION_METHODS, LETConfig
+from megatron_let.config import DISTILLATION_METHODS, HIDDEN_LAYER_METHODS, LETConfig
 from megatron_let.objectives.base import Objective
 
-__all__ = ["Objective", "build_objective"]
+__all__ = ["Objective", "add_trainable_modules", "build_objective", "trainable_module_keys"]
+
+
+def add_trainable_modules(cfg: LETConfig, chunk) -> None:
+    """Give a freshly built model chunk (a GPTModel, before megatron's wrappers) the trainable
+    parameters the objective adds, so that the optimizer, gradient reduction and checkpoints
+    carry them like the model's own."""
+    if cfg.objective in HIDDEN_LAYER_METHODS:
+        from megatron_let.objectives.hld import add_regressor
+
+        add_regressor(cfg, chunk)
+
+
+def trainable_module_keys(cfg: LETConfig) -> tuple[str, ...]:
+    """Checkpoint-key prefixes of what :func:`add_trainable_modules` adds."""
+    if cfg.objective in HIDDEN_LAYER_METHODS:
+        from megatron_let.objectives.hld import REGRESSOR
+
+        return (f"{REGRESSOR}.",)
+    return ()
 
 
 def build_objective(cfg: LETConfig, model: list, *, iteration: int, **build) -> Objective:
@@ -23,6 +45,10 @@ def build_objective(cfg: LETConfig, model: list, *, iteration: int, **build) -> 
         from megatron_let.objectives.let import LETObjective
 
         return LETObjective(cfg, model, iteration=iteration, **build)
+    if cfg.objective in HIDDEN_LAYER_METHODS:
+        from megatron_let.objectives.hld import HLDCObjective
+
+        return HLDCObjective(cfg, model, iteration=iteration, **build)
     if cfg.objective in DISTILLATION_METHODS:
         from megatron_let.objectives.kd import KDObjective
 

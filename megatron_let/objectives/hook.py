@@ -30,6 +30,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from megatron.core.utils import make_viewless_tensor
 
 from megatron_let.alignment import cca_alignment_loss, cosine_similarity, logsum_distance
+from megatron_let.distillation import hint_distance
 
 
 def layer_owner(config: TransformerConfig, layer: int) -> tuple[int, Optional[int]]:
@@ -80,7 +81,13 @@ class AlignmentMetrics:
 
 
 class AlignmentHook:
-    """Forward hook on the target's layer k. Only the stage that owns layer k creates one."""
+    """Forward hook on the target's layer k. Only the stage that owns layer k creates one.
+
+    ``loss``: LET's ``cosine``, ``logsum`` or ``cca``, or hidden-layer distillation's ``hint``
+    (:func:`~megatron_let.distillation.hint_distance` of ``regressor``'s output). A regressor's
+    parameters are trained through this hook: it keeps them in every training step's graph, with a
+    zero term when no teacher state is armed (megatron's overlapped gradient reduction waits for a
+    gradient of every bucketed parameter)."""
 
     def __init__(
         self,
@@ -89,9 +96,13 @@ class AlignmentHook:
         logsum_exponent: float = 4.0,
         sequence_parallel: bool = False,
         cca_ridge: float = 1e-3,
+        regressor: Optional[torch.nn.Module] = None,
     ):
+        if (loss == "hint") != (regressor is not None):
+            raise ValueError("the hint loss, and only it, takes a regressor")
         self.layer = layer
         self.loss = loss
+        self.regressor = regressor
         self.logsum_exponent = logsum_exponent
         self.cca_ridge = cca_ridge
         self.sequence_parallel = sequence_parallel
@@ -130,9 +141,12 @@ class AlignmentHook:
             self._pending = None
         elif self._awaiting_recompute:  # the recompute, in the backward pass
             teacher_hidden, loss_mask, weight, scale = self._awaiting_recompute.popleft()
+        elif self.regressor is not None:
+            return self._attach(output, self._regressor_in_graph(), torch.ones(1, device=self._device(output)))
         else:
             return output  # e.g. no teacher for this microbatch
         hidden = output[0] if isinstance(output, tuple) else output
+        student = hidden if self.regressor is None else self.regressor(hidden)
 
         teacher_local = self._local_sequence(teacher_hidden)  # [s_local, b, d_T]
         if loss_mask is None:
@@ -142,7 +156,7 @@ class AlignmentHook:
             mask_local = self._local_sequence(loss_mask.t().to(hidden.device, torch.float32))
             total_tokens = loss_mask.sum().clamp(min=1).to(hidden.device, torch.float32)  # stays on the device
 
-        cos = cosine_similarity(hidden, teacher_local)  # [s_local, b], fp32
+        cos = cosine_similarity(student, teacher_local)  # [s_local, b], fp32
         if self.loss == "cca":
             # One value per microbatch, from statistics summed over the sequence shards (SP): the
             # same on every TP rank, each rank's backward reaching its own tokens.
@@ -154,6 +168,8 @@ class AlignmentHook:
         else:
             if self.loss == "cosine":
                 per_token = -cos
+            elif self.loss == "hint":
+                per_token = hint_distance(student, teacher_local)
             else:
                 per_token = logsum_distance(hidden, teacher_local, self.logsum_exponent)
             # Local sum over the global token count: summed over TP shards (SP) this is the
@@ -163,7 +179,21 @@ class AlignmentHook:
 
         with torch.no_grad():
             self.metrics.add(torch.stack([local_loss * total_tokens, (cos * mask_local).sum(), mask_local.sum()]))
+        return self._attach(output, aux, scale)
 
+    def _regressor_in_graph(self) -> torch.Tensor:
+        """0 · Σ parameters: a zero loss that gives each regressor parameter a (zero) gradient."""
+        assert self.regressor is not None
+        return torch.stack([p.sum() for p in self.regressor.parameters()]).sum() * 0.0
+
+    @staticmethod
+    def _device(output) -> torch.device:
+        return (output[0] if isinstance(output, tuple) else output).device
+
+    @staticmethod
+    def _attach(output, aux: torch.Tensor, scale: torch.Tensor):
+        """``output`` with ``aux`` tied to its backward (seeded with ``scale``)."""
+        hidden = output[0] if isinstance(output, tuple) else output
         # A custom Function returning its input gives a view of it; at the end of a pipeline stage
         # (or virtual chunk) that view becomes the stage output, which megatron frees after sending
         # (deallocate_pipeline_outputs) and so must not be a view.

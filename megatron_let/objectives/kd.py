@@ -29,7 +29,7 @@ from megatron_let.objectives.teacher import Teacher, load_teacher_weights, teach
 
 class KDObjective(Objective):
     name = "kd"
-    metric_keys = ("kd_loss",)
+    metric_keys: tuple[str, ...] = ("kd_loss",)
     metric_labels = {"kd_loss": "kd loss"}
     weight_label = "α"
 
@@ -61,7 +61,7 @@ class KDObjective(Objective):
         self._measured = False
         self.present = self.distill.stop_step is None or iteration < self.distill.stop_step
         if self.present:
-            if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            if self._holds_teacher():
                 self.teacher = Teacher(
                     self.teacher_cfg,
                     teacher_layer=None,
@@ -71,6 +71,10 @@ class KDObjective(Objective):
                     kernels=kernels,
                 )
             load_teacher_weights(self.teacher_cfg, self.teacher, self.log)
+
+    def _holds_teacher(self) -> bool:
+        """Whether this rank runs the teacher: on the last stage, where the student's logits are."""
+        return parallel_state.is_pipeline_last_stage(ignore_virtual=True)
 
     # ----------------------------------------------------------------------------- a step
 
@@ -84,10 +88,11 @@ class KDObjective(Objective):
     def forward(self, model_chunk, batch: dict, weight: float, evaluating: bool = False):
         if evaluating or self.teacher is None or not get_attr_wrapped_model(model_chunk, "post_process"):
             return super().forward(model_chunk, batch, weight, evaluating)
+        self.before_forward(model_chunk, batch, weight, evaluating)
         tokens, position_ids, mask = batch["tokens"], batch["position_ids"], batch.get("attention_mask")
         # No labels: megatron returns the logits, [b, s, V/TP]; its loss and ours read [s, b, V/TP].
         logits = model_chunk(tokens, position_ids, mask).transpose(0, 1).contiguous()
-        teacher_logits = self._in_student_columns(self.teacher.logits(tokens, position_ids, mask), logits.shape[-1])
+        teacher_logits = self._in_student_columns(self._teacher_logits(batch), logits.shape[-1])
         tau = self.distill.temperature
         kl = kl_divergence(
             logits,
@@ -106,6 +111,11 @@ class KDObjective(Objective):
             self._measured = True
         loss = (1 - weight) * nll + weight * tau**2 * kl
         return loss, nll
+
+    def _teacher_logits(self, batch: dict) -> torch.Tensor:
+        """The teacher's logits for this microbatch, [s, b, V_T / TP_T]."""
+        assert self.teacher is not None
+        return self.teacher.logits(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
 
     def _in_student_columns(self, teacher_logits: torch.Tensor, width: int) -> torch.Tensor:
         """The teacher's logits over the student's vocabulary columns on this rank. Both pad the
@@ -135,7 +145,7 @@ class KDObjective(Objective):
     def release(self, iteration: int) -> None:
         """The KD term reached weight 0: the teacher is never needed again."""
         self.present = False
-        self.close()
+        self._drop_teacher()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         self.log(
@@ -143,21 +153,27 @@ class KDObjective(Objective):
             "NLL only from here on, teacher released"
         )
 
-    def close(self) -> None:
+    def _drop_teacher(self) -> None:
         if self.teacher is not None:
             self.teacher.release()
         self.teacher = None
+
+    def close(self) -> None:
+        self._drop_teacher()
 
     # ----------------------------------------------------------------------------- accounting
 
     def add_flops(self, counter: FlopsCounter, iteration: int, seq_length: int) -> None:
         """The teacher's whole forward, its output layer included, per token while it runs."""
         teacher = teacher_model(self.teacher_cfg)
-        counter.teacher_per_token = teacher_flops_per_token(teacher, seq_length, head=True)
+        counter.teacher_per_token = self._teacher_flops_per_token(seq_length)
         counter.teacher_throughput_per_token = megatron_lm_flops_per_token(teacher, seq_length, forward_only=True)
         tokens = self.cfg.training.global_batch_size * seq_length
         steps = iteration if self.distill.stop_step is None else min(iteration, self.distill.stop_step)
         counter.total += tokens * steps * counter.teacher_per_token
+
+    def _teacher_flops_per_token(self, seq_length: int) -> float:
+        return teacher_flops_per_token(teacher_model(self.teacher_cfg), seq_length, head=True)
 
     def describe(self) -> str:
         teacher = teacher_model(self.teacher_cfg)

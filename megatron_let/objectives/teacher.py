@@ -147,18 +147,7 @@ class Teacher:
         """[s, b, d_T] hidden states for tokens [b, s]: the final one (after the final norm, where
         Hugging Face's ``hidden_states[-1]`` is) or that of ``teacher_layer``. The output head is
         never run: LET needs no teacher logits."""
-        gpt = self.model
-        hidden = gpt.embedding(input_ids=tokens, position_ids=position_ids)
-        rotary = None
-        if gpt.position_embedding_type == "rope":
-            rotary = gpt.rotary_pos_emb(tokens.shape[1])
-        layers = gpt.decoder.layers
-        stop = len(layers) if self.teacher_layer is None else self.teacher_layer
-        for layer in layers[:stop]:
-            hidden, _ = layer(hidden, attention_mask=attention_mask, rotary_pos_emb=rotary)
-        if self.teacher_layer is None and gpt.decoder.final_layernorm is not None:
-            hidden = gpt.decoder.final_layernorm(hidden)
-        return hidden
+        return self.run(tokens, position_ids, attention_mask, layer=self.teacher_layer)[0]
 
     @torch.no_grad()
     def logits(
@@ -167,11 +156,44 @@ class Teacher:
         """[s, b, V_T / TP_T] logits (this rank's vocabulary columns when the teacher is
         tensor-parallel, all of them when it is replicated): the final hidden state through the
         output layer (tied to the embedding when the teacher ties them)."""
-        gpt = self.model
-        hidden = self.hidden_states(tokens, position_ids, attention_mask)
-        weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else None
-        logits, _ = gpt.output_layer(hidden, weight=weight)
+        logits = self.run(tokens, position_ids, attention_mask, layer=None, logits=True)[1]
+        assert logits is not None
         return logits
+
+    @torch.no_grad()
+    def run(
+        self,
+        tokens: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        *,
+        layer: Optional[int],
+        logits: bool = False,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """One forward, as far as needed: (the output of 1-based ``layer``, or the final hidden
+        state after the final norm when None; the logits when asked, else None). The layers past
+        ``layer`` run only for the logits."""
+        gpt = self.model
+        hidden = gpt.embedding(input_ids=tokens, position_ids=position_ids)
+        rotary = None
+        if gpt.position_embedding_type == "rope":
+            rotary = gpt.rotary_pos_emb(tokens.shape[1])
+        layers = gpt.decoder.layers
+        stop = len(layers) if logits or layer is None else layer
+        state = None
+        for number, block in enumerate(layers[:stop], start=1):
+            hidden, _ = block(hidden, attention_mask=attention_mask, rotary_pos_emb=rotary)
+            if number == layer:
+                state = hidden
+        if stop == len(layers) and gpt.decoder.final_layernorm is not None:
+            hidden = gpt.decoder.final_layernorm(hidden)
+        if state is None:
+            state = hidden
+        if not logits:
+            return state, None
+        weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else None
+        out, _ = gpt.output_layer(hidden, weight=weight)
+        return state, out
 
     def release(self) -> None:
         """Free the teacher's memory: after S_stop it is never needed again."""

@@ -43,8 +43,11 @@ def lock_checkpoint_directory(cfg: LETConfig, log) -> Optional[cluster.RunLock]:
 class Checkpointer:
     """Saves and loads the target (model chunks, optimizer, scheduler, RNG, consumed samples)."""
 
-    def __init__(self, cfg: LETConfig, model: list, optimizer, scheduler, log):
+    def __init__(self, cfg: LETConfig, model: list, optimizer, scheduler, log, objective_modules: tuple[str, ...] = ()):
+        """``objective_modules``: key prefixes of what the objective adds to the model, which a
+        checkpoint written by another method may lack."""
         self.cfg = cfg
+        self.objective_modules = objective_modules
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.log = log
         self.saved_iteration: Optional[int] = None  # the iteration already on disk
@@ -77,7 +80,12 @@ class Checkpointer:
                 prefix="model",
             )
             common = checkpoint.load_checkpoint(
-                directory, self.model, self.optimizer, self.scheduler, common_state=common
+                directory,
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                common_state=common,
+                absent_ok=self.objective_modules,
             )
         except checkpoint.CheckpointError as err:
             raise checkpoint.CheckpointError(f"checkpoint.load: {err}") from None
@@ -85,6 +93,11 @@ class Checkpointer:
         if ck.save and Path(ck.save).resolve() == directory.parent.resolve():
             self.saved_iteration = iteration  # already on disk: never written again
         self.log(f"loaded checkpoint {directory} at iteration {iteration}")
+        if common.get("fresh"):
+            self.log(
+                f"the checkpoint has no {', '.join(common['fresh'])} (written by another method): "
+                "initialised afresh, and the optimizer's state starts afresh too"
+            )
         return iteration, int(common["consumed_samples"])
 
     def save(self, iteration: int, consumed_samples: int) -> None:

@@ -4,7 +4,7 @@ in megatron's DistributedDataParallel, and the DDP hooks megatron's schedules ca
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 from megatron.core import parallel_state
@@ -15,8 +15,17 @@ from megatron_let.config import LETConfig
 from megatron_let.model.gpt import DTYPES, Kernels, build_gpt, recompute_options, transformer_config
 
 
-def build_model_chunks(cfg: LETConfig, *, precision: str, use_te: bool, kernels: Kernels, on_cpu: bool) -> list:
-    """This rank's chunks (one, or one per virtual stage), on its device, in DDP."""
+def build_model_chunks(
+    cfg: LETConfig,
+    *,
+    precision: str,
+    use_te: bool,
+    kernels: Kernels,
+    on_cpu: bool,
+    add_modules: Optional[Callable[[torch.nn.Module], None]] = None,
+) -> list:
+    """This rank's chunks (one, or one per virtual stage), on its device, in DDP. ``add_modules``
+    gives each bare chunk what the objective trains with it (a regressor) before it is wrapped."""
     par = cfg.parallel
     config = transformer_config(
         cfg.model,
@@ -41,6 +50,8 @@ def build_model_chunks(cfg: LETConfig, *, precision: str, use_te: bool, kernels:
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
             vp_stage=vp_stage,
         )
+        if add_modules is not None:
+            add_modules(chunk)
         if not on_cpu:
             chunk.cuda(torch.cuda.current_device())
         if precision in ("bf16", "fp16"):

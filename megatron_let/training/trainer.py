@@ -23,7 +23,7 @@ from megatron_let.config import LETConfig
 from megatron_let.data.datasets import build_datasets, close_iterators, make_iterator
 from megatron_let.flops import FlopsCounter, megatron_lm_flops_per_token, training_flops_per_token
 from megatron_let.model.gpt import resolve_precision, select_kernels, use_transformer_engine
-from megatron_let.objectives import build_objective
+from megatron_let.objectives import add_trainable_modules, build_objective, trainable_module_keys
 from megatron_let.platform import cpu, signals
 from megatron_let.platform import distributed as parallel
 from megatron_let.training.checkpointer import Checkpointer, lock_checkpoint_directory
@@ -67,14 +67,22 @@ class Trainer:
         if lock is not None:
             self.held.callback(lock.release)
 
-        # The target: model chunks in megatron's DDP, optimizer, scheduler, then its checkpoint.
+        # The target: model chunks (with what the objective trains alongside) in megatron's DDP,
+        # optimizer, scheduler, then its checkpoint.
         self.model = build_model_chunks(
-            cfg, precision=self.precision, use_te=self.use_te, kernels=self.kernels, on_cpu=self.on_cpu
+            cfg,
+            precision=self.precision,
+            use_te=self.use_te,
+            kernels=self.kernels,
+            on_cpu=self.on_cpu,
+            add_modules=partial(add_trainable_modules, cfg),
         )
         self.config = self.model[0].config
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model, precision=self.precision, on_cpu=self.on_cpu)
         wire_gradient_sync(self.model)
-        self.checkpointer = Checkpointer(cfg, self.model, self.optimizer, self.scheduler, self._print)
+        self.checkpointer = Checkpointer(
+            cfg, self.model, self.optimizer, self.scheduler, self._print, trainable_module_keys(cfg)
+        )
         self.iteration, self.consumed_samples = self.checkpointer.resume()
         align_scheduler(self.scheduler, self.iteration)
 

@@ -74,12 +74,23 @@ def main():
 
 def direct_kd_gradients(cfg, trainer, gpt) -> dict:
     """Σ_m mean_t[(1 − α)·NLL + α·τ²·KL(q_T ‖ p_S)] / M by plain autograd: torch's own
-    cross-entropy (over the padded columns, as megatron's), log_softmax and top-k, full logits."""
+    cross-entropy (over the padded columns, as megatron's), log_softmax and top-k, full logits.
+    hldc adds γ·mean_t ‖t/‖t‖ − W_R·h/‖W_R·h‖‖² / d_T (torch's normalize and mse_loss), h and t the
+    outputs of the student's and the teacher's hint layers, read by forward hooks."""
     import torch.nn.functional as F
 
     d, vocab = cfg.distillation, cfg.model.vocab_size
     teacher = trainer.objective.teacher
     params = list(gpt.parameters())
+    hint = cfg.objective == "hldc"
+    captured = {}
+    if hint:
+        trainer.objective.hook.remove()  # the term is written out below instead
+        student_layer, teacher_layer = trainer.objective.student_layer, trainer.objective.teacher_layer
+        gpt.decoder.layers[student_layer - 1].register_forward_hook(lambda m, i, o: captured.__setitem__("h", o[0]))
+        teacher.model.decoder.layers[teacher_layer - 1].register_forward_hook(
+            lambda m, i, o: captured.__setitem__("t", o[0])
+        )
     total = 0.0
     m = trainer.num_microbatches
     for _ in range(m):
@@ -99,6 +110,10 @@ def direct_kd_gradients(cfg, trainer, gpt) -> dict:
             log_q = torch.log_softmax(values / d.temperature, dim=-1)
             kl = (log_q.exp() * (log_q - log_p.gather(-1, indices))).sum(-1)
         per_token = (1 - d.alpha) * nll + d.alpha * d.temperature**2 * kl
+        if hint:
+            regressed = F.normalize(gpt.hint_regressor(captured["h"]), dim=-1)
+            target = F.normalize(captured["t"], dim=-1)
+            per_token = per_token + cfg.hld.gamma * F.mse_loss(regressed, target, reduction="none").mean(-1).t()
         mask = batch["loss_mask"].float()
         total = total + (per_token * mask).sum() / mask.sum() / m
     grads = torch.autograd.grad(total, params)
