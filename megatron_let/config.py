@@ -122,6 +122,9 @@ class DistillationConfig:
     reverse: bool = False  # KL(p_S^τ ‖ p_T^τ) instead (needs top_k: null)
     # KD for the steps before it, then NLL with the teacher released (salt needs it).
     stop_step: Optional[int] = None
+    # A directory written by megatron-let cache-teacher: the teacher's top-k logits are read from
+    # it instead of running the teacher (needs top_k <= the cache's k).
+    teacher_cache: Optional[str] = None
 
 
 @dataclass
@@ -526,6 +529,8 @@ def validate(cfg: LETConfig, where=lambda key: "config") -> None:
         bad("distillation.reverse", "reverse KL needs the teacher's whole distribution: set distillation.top_k: null")
     if distill.stop_step is not None and distill.stop_step < 1:
         bad("distillation.stop_step", f"must be >= 1, got {distill.stop_step}")
+    if distill.teacher_cache is not None and distill.top_k is None:
+        bad("distillation.teacher_cache", "a cache holds the teacher's top-k logits: set distillation.top_k")
     if cfg.objective == "salt" and distill.stop_step is None:
         bad("distillation.stop_step", "method salt needs it: the step at which KD gives way to NLL")
 

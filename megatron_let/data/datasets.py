@@ -176,7 +176,8 @@ def _ignore_exit_signals(_worker_id: int) -> None:
 def microbatches(
     dataset, sampler: PretrainingSampler, device, num_workers: int = 0, vocab_size: Optional[int] = None
 ) -> Iterator[dict]:
-    """Collated microbatches on ``device``: tokens/labels/loss_mask/position_ids [b, s]. With
+    """Collated microbatches on ``device``: tokens/labels/loss_mask/position_ids [b, s], and
+    sample_index [b] (the samples' global indices in the dataset: a teacher cache's keys). With
     ``vocab_size``, a token id the model cannot embed is an error naming the samples (checked on
     the host, before the transfer: an out-of-range id on the GPU is a device-side assert)."""
     loader = DataLoader(
@@ -198,6 +199,7 @@ def microbatches(
                     f"data: samples {indices} hold token id {largest}, but model.vocab_size is "
                     f"{vocab_size} (was the data tokenized with another tokenizer?)"
                 )
+        batch["sample_index"] = torch.tensor(indices, dtype=torch.int64)
         yield {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
@@ -254,4 +256,5 @@ def make_iterator(
     # Shapes and dtypes from one sample: every sample of a GPTDataset has the same.
     sample = dataset[0]
     template = {key: value.unsqueeze(0).expand(micro_batch_size, *value.shape) for key, value in sample.items()}
+    template["sample_index"] = torch.zeros(micro_batch_size, dtype=torch.int64)
     return _received_microbatches(template, len(sampler), device, tp_group, src)

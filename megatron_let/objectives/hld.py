@@ -27,6 +27,7 @@ from megatron.core import parallel_state
 from megatron.core.utils import get_attr_wrapped_model
 
 from megatron_let.config import LETConfig, resolve_hint_layers
+from megatron_let.flops import teacher_flops_per_token
 from megatron_let.model import initialization
 from megatron_let.model.gpt import unwrap
 from megatron_let.objectives.hook import AlignmentHook, find_layer, layer_owner, main_loss_scale
@@ -78,6 +79,9 @@ class HLDCObjective(KDObjective):
                 regressor=getattr(unwrap(self.hook_chunk), REGRESSOR),
             )
 
+    def _runs_a_teacher(self) -> bool:
+        return True  # the hint term's teacher state is never cached
+
     def _holds_teacher(self) -> bool:
         return self.owns_hint or super()._holds_teacher()
 
@@ -86,7 +90,7 @@ class HLDCObjective(KDObjective):
         if evaluating or self.teacher is None or self.hook is None or model_chunk is not self.hook_chunk:
             return
         # The stage that also computes the logits runs the teacher once for both terms.
-        with_logits = bool(get_attr_wrapped_model(model_chunk, "post_process"))
+        with_logits = bool(get_attr_wrapped_model(model_chunk, "post_process")) and self.cache is None
         state, logits = self.teacher.run(
             batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
             layer=self.teacher_layer, logits=with_logits,
@@ -126,8 +130,11 @@ class HLDCObjective(KDObjective):
         """KD's (the teacher's whole forward) plus training W_R, 6·d_S·d_T per token (the paper's
         6·N_reg), while the teacher runs. The teacher's partial second forward on the hint stage
         under pipeline parallelism is an implementation cost, not counted."""
-        d_teacher = teacher_model(self.teacher_cfg).hidden_size
-        return super()._teacher_flops_per_token(seq_length) + 6 * self.cfg.model.hidden_size * d_teacher
+        teacher = teacher_model(self.teacher_cfg)
+        logits = super()._teacher_flops_per_token(seq_length)
+        if self.distill.teacher_cache:  # the logits are cached: the teacher runs to its hint layer only
+            logits = teacher_flops_per_token(teacher, seq_length, self.teacher_layer)
+        return logits + 6 * self.cfg.model.hidden_size * teacher.hidden_size
 
     def describe(self) -> str:
         teacher = teacher_model(self.teacher_cfg)

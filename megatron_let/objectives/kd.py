@@ -20,7 +20,8 @@ from megatron.core import parallel_state
 from megatron.core.utils import get_attr_wrapped_model
 
 from megatron_let.config import LETConfig, TeacherConfig
-from megatron_let.distillation import gather_columns, kl_divergence
+from megatron_let.data.teacher_cache import TeacherCache
+from megatron_let.distillation import gather_columns, kl_divergence, top_k_target
 from megatron_let.flops import FlopsCounter, megatron_lm_flops_per_token, teacher_flops_per_token
 from megatron_let.model.gpt import Kernels
 from megatron_let.objectives.base import Objective
@@ -60,7 +61,13 @@ class KDObjective(Objective):
         self._sums = torch.zeros(2, dtype=torch.float64, device=device)  # Σ KL·mask, tokens
         self._measured = False
         self.present = self.distill.stop_step is None or iteration < self.distill.stop_step
-        if self.present:
+        # The logits from a teacher cache (read on the last stage) instead of a teacher run there.
+        self.cache: Optional[TeacherCache] = None
+        if self.present and self.distill.teacher_cache and parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            self.cache = TeacherCache(
+                self.distill.teacher_cache, cfg, self.distill.top_k, key="distillation.teacher_cache"
+            )
+        if self.present and self._runs_a_teacher():
             if self._holds_teacher():
                 self.teacher = Teacher(
                     self.teacher_cfg,
@@ -72,9 +79,14 @@ class KDObjective(Objective):
                 )
             load_teacher_weights(self.teacher_cfg, self.teacher, self.log)
 
+    def _runs_a_teacher(self) -> bool:
+        """Whether any rank runs the teacher (same answer on every rank)."""
+        return not self.distill.teacher_cache
+
     def _holds_teacher(self) -> bool:
-        """Whether this rank runs the teacher: on the last stage, where the student's logits are."""
-        return parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        """Whether this rank runs the teacher: on the last stage, where the student's logits are
+        (unless they come from a cache)."""
+        return parallel_state.is_pipeline_last_stage(ignore_virtual=True) and not self.distill.teacher_cache
 
     # ----------------------------------------------------------------------------- a step
 
@@ -86,23 +98,32 @@ class KDObjective(Objective):
         return weight
 
     def forward(self, model_chunk, batch: dict, weight: float, evaluating: bool = False):
-        if evaluating or self.teacher is None or not get_attr_wrapped_model(model_chunk, "post_process"):
+        source = self.teacher is not None or self.cache is not None
+        if evaluating or not source or not get_attr_wrapped_model(model_chunk, "post_process"):
             return super().forward(model_chunk, batch, weight, evaluating)
         self.before_forward(model_chunk, batch, weight, evaluating)
         tokens, position_ids, mask = batch["tokens"], batch["position_ids"], batch.get("attention_mask")
         # No labels: megatron returns the logits, [b, s, V/TP]; its loss and ours read [s, b, V/TP].
         logits = model_chunk(tokens, position_ids, mask).transpose(0, 1).contiguous()
-        teacher_logits = self._in_student_columns(self._teacher_logits(batch), logits.shape[-1])
         tau = self.distill.temperature
-        kl = kl_divergence(
-            logits,
-            teacher_logits,
-            tau=tau,
-            vocab_size=self.cfg.model.vocab_size,
-            top_k=self.distill.top_k,
-            reverse=self.distill.reverse,
-            group=self.tp_group,
-        ).transpose(0, 1)  # [b, s]
+        if self.cache is not None:
+            values, indices = self.cache.lookup(batch["sample_index"], logits.device)  # [b, s, k]
+            target = top_k_target(values.transpose(0, 1), indices.transpose(0, 1), tau, logits.shape[-1], self.tp_group)
+            kl = kl_divergence(
+                logits, tau=tau, vocab_size=self.cfg.model.vocab_size, target=target, group=self.tp_group
+            )
+        else:
+            teacher_logits = self._in_student_columns(self._teacher_logits(batch), logits.shape[-1])
+            kl = kl_divergence(
+                logits,
+                teacher_logits,
+                tau=tau,
+                vocab_size=self.cfg.model.vocab_size,
+                top_k=self.distill.top_k,
+                reverse=self.distill.reverse,
+                group=self.tp_group,
+            )
+        kl = kl.transpose(0, 1)  # [b, s]
         # After the KL: megatron's vocab-parallel cross-entropy overwrites the logits in place.
         nll = get_attr_wrapped_model(model_chunk, "compute_language_model_loss")(batch["labels"], logits)  # [b, s]
         if self.reports:
@@ -157,6 +178,7 @@ class KDObjective(Objective):
         if self.teacher is not None:
             self.teacher.release()
         self.teacher = None
+        self.cache = None
 
     def close(self) -> None:
         self._drop_teacher()
@@ -173,6 +195,10 @@ class KDObjective(Objective):
         counter.total += tokens * steps * counter.teacher_per_token
 
     def _teacher_flops_per_token(self, seq_length: int) -> float:
+        """The teacher's whole forward; nothing when its logits are read from a cache (the
+        compute-matched paper's C_Teacher ≈ 0: the cache was paid for once, off this run)."""
+        if self.distill.teacher_cache:
+            return 0.0
         return teacher_flops_per_token(teacher_model(self.teacher_cfg), seq_length, head=True)
 
     def describe(self) -> str:
