@@ -20,4 +20,4 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 python -m ruff check megatron_let tools tests
 python -m ruff format --check megatron_let tools tests
 python -m mypy
-exec python -m pytest -q "$@"
+exec python -m pytest -q --durations=30 "$@"

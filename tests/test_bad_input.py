@@ -162,6 +162,25 @@ def case_top_k_beyond_the_vocabulary(tmp_path, token_data, saved_run):
     return cfg, [], f"distillation.top_k: must be in [1, model.vocab_size={VOCAB}] or null, got {VOCAB + 1}"
 
 
+def case_a_negative_hint_weight(tmp_path, token_data, saved_run):
+    return tiny_config(token_data), ["method=hldc", "hld.gamma=-0.1"], "hld.gamma: must be >= 0, got -0.1"
+
+
+def case_a_hint_layer_the_student_lacks(tmp_path, token_data, saved_run):
+    cfg = tiny_config(token_data, method="hldc", hld={"student_layer": 9})
+    return cfg, [], "hld.student_layer: layer 9 does not exist: model.num_layers=4"
+
+
+def case_a_teacher_cache_without_top_k(tmp_path, token_data, saved_run):
+    cfg = tiny_config(token_data, method="kd", distillation={"top_k": None, "teacher_cache": str(tmp_path)})
+    return cfg, [], "distillation.teacher_cache: a cache holds the teacher's top-k logits: set distillation.top_k"
+
+
+def case_a_teacher_cache_that_is_not_one(tmp_path, token_data, saved_run):
+    cfg = tiny_config(token_data, method="kd", distillation={"teacher_cache": str(tmp_path)})
+    return cfg, [], f"{tmp_path / 'cache.json'}: no teacher cache here (write one with megatron-let cache-teacher)"
+
+
 def case_unknown_alignment_loss(tmp_path, token_data, saved_run):
     return (
         tiny_config(token_data),

@@ -89,3 +89,16 @@ def test_real_smollm2_teacher_distils_on_the_last_stage(tmp_path):
     # A pretrained teacher's top-128 distribution is far from a random target's.
     assert all(r["kd_loss"] > 0.5 for r in train[:2]), train
     assert [r["lambda"] for r in train] == [0.5, 0.5, 0.0]
+
+
+def test_compare_tiny_runs_every_method_and_tabulates_them(tmp_path):
+    """examples/compare_tiny.sh: each objective of both papers' comparisons on tiny_cpu.yaml."""
+    command = ["bash", "examples/compare_tiny.sh", "all", "--train-iters", "1", "--work-dir", str(tmp_path / "cmp")]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    table = {line.split()[0]: line.split()[1:] for line in result.stdout.split("method")[-1].splitlines()[1:]}
+    assert set(table) == {"baseline", "let", "rkd", "salt", "let_logsum", "let_cca", "kd", "hldc"}
+    flops = {method: float(values[1]) for method, values in table.items()}
+    # The teacher's forward is counted: logits (KD) cost more than LET's hidden state, HLDC adds W_R.
+    assert flops["baseline"] < flops["let"] < flops["kd"] < flops["hldc"]
+    assert "hint loss" in result.stdout and "kd loss" in result.stdout
