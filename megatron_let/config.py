@@ -57,6 +57,22 @@ class ModelConfig:
     attention_dropout: float = 0.0
 
 
+# Megatron-LM's --tokenizer-type names (megatron_let.data.preprocess.build_tokenizer builds them).
+TokenizerType = Literal[
+    "GPT2BPETokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer", "HuggingFaceTokenizer"
+]
+
+
+@dataclass
+class TokenizerConfig:
+    """A tokenizer as Megatron-LM's flags name it (--tokenizer-type, --tokenizer-model, ...)."""
+
+    type: TokenizerType = "SentencePieceTokenizer"
+    model: Optional[str] = None  # SentencePiece .model, or a Hugging Face tokenizer directory / tokenizer.json
+    vocab_file: Optional[str] = None  # GPT2BPETokenizer: encoder.json / vocab.json
+    merge_file: Optional[str] = None  # GPT2BPETokenizer: vocab.bpe / merges.txt
+
+
 @dataclass
 class TeacherConfig:
     """The small frozen pretrained model, colocated with the target's stage that owns layer k."""
@@ -69,6 +85,10 @@ class TeacherConfig:
     hf_path: Optional[str] = None
     gguf_file: Optional[str] = None  # a GGUF file inside hf_path (read through transformers)
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # The teacher's own tokenizer when it differs from the target's (LET†, method let only): the
+    # teacher reads each sample's text in its tokenization (data.tokenizer decodes the target's
+    # tokens), its states mapped onto the target's positions by character offsets.
+    tokenizer: Optional[TokenizerConfig] = None
 
 
 # Paper §3.3: the six layer-pairing strategies, as (teacher layer, target layer) choices.
@@ -215,6 +235,8 @@ class DataConfig:
     valid_data_path: list = field(default_factory=list)
     test_data_path: list = field(default_factory=list)
     mock_data: bool = False  # megatron's MockGPTDataset (no files; for smoke runs only)
+    # The tokenizer the data was preprocessed with (needed by teacher.tokenizer, to read the text back).
+    tokenizer: Optional[TokenizerConfig] = None
     data_cache_path: Optional[str] = None  # GPTDataset index cache; None = beside the data
     eod_token_id: Optional[int] = None  # None = model.vocab_size - 1
     reset_position_ids: bool = False
@@ -534,6 +556,12 @@ def validate(cfg: LETConfig, where=lambda key: "config") -> None:
     if cfg.objective == "salt" and distill.stop_step is None:
         bad("distillation.stop_step", "method salt needs it: the step at which KD gives way to NLL")
 
+    if cfg.teacher is not None and cfg.teacher.tokenizer is not None:
+        if cfg.objective != "let":
+            bad("teacher.tokenizer", f"a teacher with its own tokenizer serves method let only, not {cfg.objective}")
+        if cfg.data.tokenizer is None:
+            bad("data.tokenizer", "teacher.tokenizer needs the target's tokenizer too, to read each sample's text")
+
     hld = cfg.hld
     if hld.gamma < 0:
         bad("hld.gamma", f"must be >= 0, got {hld.gamma}")
@@ -567,7 +595,8 @@ def validate(cfg: LETConfig, where=lambda key: "config") -> None:
     if teacher_model is not None:
         teacher = teacher_model
         _validate_model("teacher.model", teacher, None, bad)
-        if teacher.vocab_size != cfg.model.vocab_size:
+        retokenized = cfg.teacher is not None and cfg.teacher.tokenizer is not None
+        if teacher.vocab_size != cfg.model.vocab_size and not retokenized:
             bad(
                 "teacher.model.vocab_size",
                 f"{teacher.vocab_size} differs from model.vocab_size={cfg.model.vocab_size}: teacher and "
@@ -582,7 +611,7 @@ def validate(cfg: LETConfig, where=lambda key: "config") -> None:
                 "alignment.teacher_layer",
                 f"layer {align.teacher_layer} does not exist: the teacher has {teacher.num_layers} layers",
             )
-        if cfg.training.seq_length > teacher.max_position_embeddings:
+        if cfg.training.seq_length > teacher.max_position_embeddings and not retokenized:
             bad(
                 "teacher.model.max_position_embeddings",
                 f"{teacher.max_position_embeddings} is shorter than training.seq_length={cfg.training.seq_length}",

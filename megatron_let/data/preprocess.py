@@ -45,6 +45,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
@@ -70,17 +71,29 @@ class PreprocessError(Exception):
 
 class Tokenizer:
     """What preprocessing needs of a tokenizer: ``tokenize(text) -> list[int]``, ``eod`` (the id
-    appended by ``--append-eod``; None when the tokenizer has none) and ``vocab_size``.
+    appended by ``--append-eod``; None when the tokenizer has none) and ``vocab_size``; and what
+    reading a target's tokens in a teacher's tokenization needs (:mod:`megatron_let.data.retokenize`):
+    ``detokenize(ids) -> str`` and ``tokenize_with_offsets(text) -> (ids, [(start, end)])``, the
+    character span of each token in ``text``, no special tokens added.
 
     Pickles as the arguments it was built from, so worker processes rebuild it themselves.
     """
 
-    def __init__(self, spec: tuple, encode, eod: Optional[int], vocab_size: int):
+    def __init__(self, spec: tuple, encode, eod: Optional[int], vocab_size: int, decode=None, encode_offsets=None):
         self._spec, self._encode = spec, encode
+        self._decode, self._encode_offsets = decode, encode_offsets
         self.eod, self.vocab_size = eod, vocab_size
 
     def tokenize(self, text: str) -> list[int]:
         return self._encode(text)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self._decode(ids)
+
+    def tokenize_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        if self._encode_offsets is None:
+            raise PreprocessError(f"{self.name}: this tokenizer cannot report character offsets (a slow tokenizer?)")
+        return self._encode_offsets(text)
 
     @property
     def name(self) -> str:
@@ -88,6 +101,38 @@ class Tokenizer:
 
     def __reduce__(self):
         return build_tokenizer, self._spec
+
+
+def _offsets_of(tok):
+    """A ``tokenizers`` Tokenizer's encoding with character offsets, no special tokens added."""
+
+    def encode(text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        encoding = tok.encode(text, add_special_tokens=False)
+        return encoding.ids, encoding.offsets
+
+    return encode
+
+
+def _sentencepiece_offsets(sp, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """SentencePiece reports byte spans in the UTF-8 input: converted to character spans."""
+    try:
+        pieces = sp.encode(text, return_type="proto").pieces  # sentencepiece >= 0.2.1
+    except TypeError:
+        pieces = sp.encode(text, out_type="immutable_proto").pieces
+    char_of_byte = [0] * (len(text.encode("utf-8")) + 1)
+    position = 0
+    for index, char in enumerate(text):
+        width = len(char.encode("utf-8"))
+        for b in range(position, position + width):
+            char_of_byte[b] = index
+        position += width
+    char_of_byte[position] = len(text)
+    return [p.id for p in pieces], [(char_of_byte[p.begin], char_of_byte[p.end]) for p in pieces]
+
+
+def _hf_offsets(hf, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    encoded = hf(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    return encoded["input_ids"], [tuple(span) for span in encoded["offset_mapping"]]
 
 
 def _existing_file(path: Optional[str], flag: str, tokenizer_type: str) -> str:
@@ -135,7 +180,9 @@ def build_tokenizer(
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         eod = tok.token_to_id("<|endoftext|>")
-        return Tokenizer(spec, lambda text: tok.encode(text).ids, eod, tok.get_vocab_size())
+        return Tokenizer(
+            spec, lambda text: tok.encode(text).ids, eod, tok.get_vocab_size(), tok.decode, _offsets_of(tok)
+        )
 
     if tokenizer_type in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer"):
         import sentencepiece
@@ -146,7 +193,7 @@ def build_tokenizer(
         except (OSError, RuntimeError) as err:
             raise PreprocessError(f"--tokenizer-model {model}: not a SentencePiece model: {err}") from None
         eod = sp.eos_id() if sp.eos_id() >= 0 else None
-        return Tokenizer(spec, sp.encode, eod, sp.get_piece_size())
+        return Tokenizer(spec, sp.encode, eod, sp.get_piece_size(), sp.decode, partial(_sentencepiece_offsets, sp))
 
     if tokenizer_type == "HuggingFaceTokenizer":
         if tokenizer_model is None:
@@ -160,7 +207,10 @@ def build_tokenizer(
             except (OSError, ValueError) as err:
                 raise PreprocessError(f"--tokenizer-model {path}: cannot load: {err}") from None
             # Megatron-LM's HuggingFaceTokenizer: tokenizer(text).input_ids, EOD = eos_token_id.
-            return Tokenizer(spec, lambda text: hf(text, verbose=False)["input_ids"], hf.eos_token_id, len(hf))
+            offsets = partial(_hf_offsets, hf) if getattr(hf, "is_fast", False) else None
+            return Tokenizer(
+                spec, lambda text: hf(text, verbose=False)["input_ids"], hf.eos_token_id, len(hf), hf.decode, offsets
+            )
         if path.is_dir():
             path = path / "tokenizer.json"
         if not path.is_file():
@@ -175,7 +225,8 @@ def build_tokenizer(
         except Exception as err:
             raise PreprocessError(f"--tokenizer-model {path}: not a tokenizers JSON file: {err}") from None
         eod = next((tok.token_to_id(t) for t in EOD_CANDIDATES if tok.token_to_id(t) is not None), None)
-        return Tokenizer(spec, lambda text: tok.encode(text).ids, eod, tok.get_vocab_size(with_added_tokens=True))
+        vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        return Tokenizer(spec, lambda text: tok.encode(text).ids, eod, vocab_size, tok.decode, _offsets_of(tok))
 
     raise PreprocessError(f"--tokenizer-type {tokenizer_type!r} is not one of {', '.join(TOKENIZER_TYPES)}")
 

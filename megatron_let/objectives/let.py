@@ -14,12 +14,34 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_let.alignment import alignment_weight
-from megatron_let.config import LETConfig, TeacherConfig, resolve_layers
+from megatron_let.config import ConfigError, LETConfig, TeacherConfig, TokenizerConfig, resolve_layers
+from megatron_let.data.preprocess import PreprocessError, build_tokenizer
+from megatron_let.data.retokenize import Retokenizer
 from megatron_let.flops import FlopsCounter, megatron_lm_flops_per_token, teacher_flops_per_token
 from megatron_let.model.gpt import Kernels
 from megatron_let.objectives.base import Objective
 from megatron_let.objectives.hook import AlignmentHook, find_layer, layer_owner, main_loss_scale
 from megatron_let.objectives.teacher import Teacher, load_teacher_weights, teacher_model
+
+
+def _tokenizer(spec: TokenizerConfig, key: str):
+    try:
+        return build_tokenizer(spec.type, spec.model, spec.vocab_file, spec.merge_file)
+    except PreprocessError as err:
+        raise ConfigError(f"{key}: {err}") from None
+
+
+def build_retokenizer(cfg: LETConfig) -> Retokenizer:
+    """LET†: the target's tokenizer (data.tokenizer) reads each sample back, the teacher's
+    (teacher.tokenizer) tokenizes it again."""
+    assert cfg.teacher is not None and cfg.teacher.tokenizer is not None and cfg.data.tokenizer is not None
+    eod = cfg.data.eod_token_id if cfg.data.eod_token_id is not None else cfg.model.vocab_size - 1
+    return Retokenizer(
+        _tokenizer(cfg.data.tokenizer, "data.tokenizer"),
+        _tokenizer(cfg.teacher.tokenizer, "teacher.tokenizer"),
+        max_length=teacher_model(cfg.teacher).max_position_embeddings,
+        target_eod=eod,
+    )
 
 
 class LETObjective(Objective):
@@ -52,6 +74,7 @@ class LETObjective(Objective):
         self.hook: Optional[AlignmentHook] = None
         self.hook_chunk = None
         self.owner_stage: Optional[tuple[int, Optional[int]]] = None
+        self.retokenizer: Optional[Retokenizer] = None  # LET†: the teacher reads its own tokenization
         # A run resumed past S_stop never builds the teacher.
         self.present = iteration < self.align.stop_step
         if self.present:
@@ -74,6 +97,8 @@ class LETObjective(Objective):
             )
             layer = find_layer(model, self.target_layer)
             assert layer is not None, f"layer {self.target_layer} should be on pipeline rank {owner_pp}"
+            if self.teacher_cfg.tokenizer is not None:
+                self.retokenizer = build_retokenizer(self.cfg)
             self.hook_chunk = model[owner_vp or 0]
             self.hook = AlignmentHook(
                 layer,
@@ -96,9 +121,17 @@ class LETObjective(Objective):
     def before_forward(self, model_chunk, batch: dict, weight: float, evaluating: bool = False) -> None:
         if evaluating or weight <= 0 or self.hook is None or self.teacher is None or model_chunk is not self.hook_chunk:
             return
-        teacher_hidden = self.teacher.hidden_states(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+        loss_mask = batch["loss_mask"]
+        if self.retokenizer is None:
+            teacher_hidden = self.teacher.hidden_states(
+                batch["tokens"], batch["position_ids"], batch.get("attention_mask")
+            )
+        else:  # the same text in the teacher's tokens; its states at the target's positions
+            view = self.retokenizer(batch["tokens"])
+            teacher_hidden = view.gather(self.teacher.hidden_states(view.tokens, view.position_ids, None))
+            loss_mask = loss_mask * view.valid.to(loss_mask.dtype)
         scale = main_loss_scale(self.config, self.num_microbatches, self.device)
-        self.hook.prepare(teacher_hidden, batch["loss_mask"], weight, scale)
+        self.hook.prepare(teacher_hidden, loss_mask, weight, scale)
 
     def take_metric_sums(self) -> Optional[torch.Tensor]:
         """(Σ alignment loss, Σ cos, tokens) of this rank. TP ranks hold identical values unless
@@ -149,7 +182,12 @@ class LETObjective(Objective):
         )
         teacher = teacher_model(self.teacher_cfg)
         return (
-            f"LET: target layer {self.target_layer} ({where}) ← teacher "
+            (
+                "LET† (teacher tokenizer ≠ target's, states mapped by character offsets): "
+                if self.teacher_cfg.tokenizer
+                else ""
+            )
+            + f"LET: target layer {self.target_layer} ({where}) ← teacher "
             f"{'final hidden state' if self.teacher_layer is None else f'layer {self.teacher_layer}'} "
             f"({teacher.num_layers} layers × {teacher.hidden_size}), "
             f"{self.align.loss} loss, λ0 {self.align.lambda0} → 0 at step {self.align.stop_step}"
