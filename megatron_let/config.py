@@ -123,10 +123,11 @@ class AlignmentConfig:
 # The training objective (megatron_let.objectives): plain pretraining, LET, or logit distillation
 # (kd; rkd is KD from a teacher smaller than the target, the LET paper's baseline; salt is KD for
 # distillation.stop_step steps, then NLL), or hidden-layer distillation (hldc: KD plus a hint
-# term on a middle layer through a learned regressor).
-Method = Literal["nll", "let", "kd", "rkd", "salt", "hldc"]
-DISTILLATION_METHODS = ("kd", "rkd", "salt", "hldc")  # the methods with a logit-distillation term
-HIDDEN_LAYER_METHODS = ("hldc",)  # the methods with a learned regressor (hld: section)
+# term on a middle layer through a learned regressor; hldf: FitNets' two phases, the hint alone on
+# the student's first half, then KD).
+Method = Literal["nll", "let", "kd", "rkd", "salt", "hldc", "hldf"]
+DISTILLATION_METHODS = ("kd", "rkd", "salt", "hldc", "hldf")  # the methods with a logit-distillation term
+HIDDEN_LAYER_METHODS = ("hldc", "hldf")  # the methods with a learned regressor (hld: section)
 
 
 @dataclass
@@ -149,14 +150,25 @@ class DistillationConfig:
 
 @dataclass
 class HiddenLayerDistillationConfig:
-    """Hidden-layer distillation (method hldc): the compute-matched paper's Eq. 3,
-    (1 − alpha)·NLL + alpha·τ²·KL + gamma·MSE(H_T/‖H_T‖, W_R·H_S/‖W_R·H_S‖) per token, the norms
-    per token over the hidden dimension; W_R a learned linear map d_S → d_T (no bias) trained with
-    the student (in its optimizer and checkpoint). alpha, τ, top_k and stop_step: distillation:."""
+    """Hidden-layer distillation (the compute-matched paper's §2).
 
-    gamma: float = 0.05  # weight of the hint (embedding) term
+    hldc: Eq. 3, (1 − alpha)·NLL + alpha·τ²·KL + gamma·MSE(H_T/‖H_T‖, W_R·H_S/‖W_R·H_S‖) per
+    token, the norms per token over the hidden dimension; W_R a learned linear map d_S → d_T (no
+    bias) trained with the student (in its optimizer and checkpoint).
+    hldf: phase 1 (iterations 1..phase1_iters) trains the student's layers up to student_layer and
+    an MLP regressor on the hint loss alone (Eq. 4), lr warmed up over phase1_warmup_iters then
+    constant; the layers after it are frozen and not computed. Phase 2 is KD over the whole
+    student, the run's lr schedule over the remaining iterations, warm-up included (re-warm-up).
+    alpha, τ, top_k (and hldc's stop_step): distillation:."""
+
+    gamma: float = 0.05  # hldc: weight of the hint (embedding) term
     student_layer: Optional[int] = None  # 1-based; None: D_S/2 (the output of that layer)
     teacher_layer: Optional[int] = None  # 1-based; None: D_T/2
+    # None: linear for hldc (W_R), mlp for hldf (one hidden layer, mlp_expansion × d_S wide, GELU)
+    regressor: Optional[Literal["linear", "mlp"]] = None
+    mlp_expansion: int = 4
+    phase1_iters: Optional[int] = None  # hldf: the hint phase's length (P1 of the run, in iterations)
+    phase1_warmup_iters: int = 1000  # hldf: phase 1's lr warm-up (capped at phase1_iters)
 
 
 @dataclass
@@ -565,6 +577,15 @@ def validate(cfg: LETConfig, where=lambda key: "config") -> None:
     hld = cfg.hld
     if hld.gamma < 0:
         bad("hld.gamma", f"must be >= 0, got {hld.gamma}")
+    if cfg.objective == "hldf":
+        if hld.phase1_iters is None or hld.phase1_iters < 1:
+            bad("hld.phase1_iters", f"method hldf needs it (>= 1: phase 1's iterations), got {hld.phase1_iters}")
+        if distill.stop_step is not None:
+            bad("distillation.stop_step", "method hldf distils for the whole of phase 2: leave it unset")
+    if hld.phase1_warmup_iters < 0:
+        bad("hld.phase1_warmup_iters", f"must be >= 0, got {hld.phase1_warmup_iters}")
+    if hld.mlp_expansion < 1:
+        bad("hld.mlp_expansion", f"must be >= 1, got {hld.mlp_expansion}")
     if cfg.objective in HIDDEN_LAYER_METHODS and hld.student_layer is not None:
         if not 1 <= hld.student_layer <= cfg.model.num_layers:
             bad(

@@ -97,7 +97,7 @@ def test_compare_tiny_runs_every_method_and_tabulates_them(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     table = {line.split()[0]: line.split()[1:] for line in result.stdout.split("method")[-1].splitlines()[1:]}
-    assert set(table) == {"baseline", "let", "rkd", "salt", "let_logsum", "let_cca", "kd", "hldc"}
+    assert set(table) == {"baseline", "let", "rkd", "salt", "let_logsum", "let_cca", "kd", "hldc", "hldf"}
     flops = {method: float(values[1]) for method, values in table.items()}
     # The teacher's forward is counted: logits (KD) cost more than LET's hidden state, HLDC adds W_R.
     assert flops["baseline"] < flops["let"] < flops["kd"] < flops["hldc"]

@@ -46,6 +46,8 @@ REVERSE += ["distillation.reverse=true"]
 # γ large enough that the hint term's gradient is a visible part of the step's.
 HLDC = ["method=hldc", "distillation.alpha=0.6", "distillation.temperature=2.0", "distillation.top_k=16"]
 HLDC += ["hld.gamma=2.0"]
+# hldf's phase 1 (the first step): the hint loss alone, layers 3–4 not run (zero gradient).
+HLDF = ["method=hldf", "hld.phase1_iters=2", "distillation.top_k=16"]
 TP2_SP = ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]
 # name: (processes, teacher, method overrides, layout overrides, reference)
 STEPS = {
@@ -67,6 +69,9 @@ STEPS = {
     "hldc_tp2_sequence_parallel": (2, "A", HLDC, TP2_SP, "hldc_reference"),
     "hldc_pp2": (2, "A", HLDC, ["parallel.pipeline_model_parallel_size=2"], "hldc_reference"),
     "hldc_dp2": (2, "A", HLDC, [], "hldc_reference"),
+    "hldf_reference": (1, "A", HLDF, [], None),
+    "hldf_tp2_sequence_parallel": (2, "A", HLDF, TP2_SP, "hldf_reference"),
+    "hldf_pp2": (2, "A", HLDF, ["parallel.pipeline_model_parallel_size=2"], "hldf_reference"),
 }
 TEACHER_RANKS = {  # the last pipeline stage (and hldc's hint stage); rank order: TP fastest, then DP, then PP
     "reference": [0],
@@ -80,6 +85,9 @@ TEACHER_RANKS = {  # the last pipeline stage (and hldc's hint stage); rank order
     "hldc_tp2_sequence_parallel": [0, 1],
     "hldc_pp2": [0, 1],
     "hldc_dp2": [0, 1],
+    "hldf_reference": [0],
+    "hldf_tp2_sequence_parallel": [0, 1],
+    "hldf_pp2": [0, 1],
 }
 
 
@@ -121,6 +129,7 @@ def runs(tmp_path_factory, data):
         ("reference", "A", KD),
         ("reverse_reference", "B", REVERSE),
         ("hldc_reference", "A", HLDC),
+        ("hldf_reference", "A", HLDF),
     ):
         dumps = [
             str(root / name / "grads") for name, step in STEPS.items() if name == reference or step[4] == reference
@@ -143,7 +152,7 @@ def max_relative_difference(a: dict, b: dict) -> float:
     return max(float((a[n] - b[n]).abs().max() / b[n].abs().max().clamp(min=1e-12)) for n in a)
 
 
-@pytest.mark.parametrize("name", [n for n, step in STEPS.items() if step[4]])
+@pytest.mark.parametrize("name", [n for n, step in STEPS.items() if step[4] and not n.startswith("hldf")])
 def test_a_distillation_step_under_tp_pp_dp_equals_the_single_process_step(runs, name):
     metrics, grads = runs
     reference = STEPS[name][4]
@@ -161,7 +170,28 @@ def test_a_distillation_step_under_tp_pp_dp_equals_the_single_process_step(runs,
     assert difference < GRAD_RTOL
 
 
-@pytest.mark.parametrize("reference", ["reference", "reverse_reference", "hldc_reference"])
+@pytest.mark.parametrize("name", [n for n, step in STEPS.items() if step[4] and n.startswith("hldf")])
+def test_an_hldf_phase1_step_under_tp_sp_and_pp_equals_the_single_process_step(runs, name):
+    metrics, grads = runs
+    ours, ref = metrics[name], metrics["hldf_reference"]
+    assert ours["lm_loss"] is None and ours["kd_loss"] is None  # neither is computed in phase 1
+    assert ours["hint_loss"] == pytest.approx(ref["hint_loss"], rel=LOSS_RTOL) and ours["hint_loss"] > 1e-3
+    difference = max_relative_difference(grads[name], grads["hldf_reference"])
+    print(f"\n{name}: hint loss {ours['hint_loss']:.6f}, gradient difference {difference:.2e}")
+    assert difference < GRAD_RTOL
+
+
+def test_hldf_phase1_trains_the_first_half_and_the_regressor_only(runs):
+    _, grads = runs
+    for name, grad in grads["hldf_reference"].items():
+        later = any(f"decoder.layers.{i}." in name for i in (2, 3)) or "final_layernorm" in name
+        if later:
+            assert not grad.any(), name  # not run: no gradient at all
+        elif name.startswith(("decoder.layers.0.", "decoder.layers.1.", "hint_regressor.")):
+            assert grad.abs().max() > 0, name
+
+
+@pytest.mark.parametrize("reference", ["reference", "reverse_reference", "hldc_reference", "hldf_reference"])
 def test_the_single_process_step_equals_plain_autograd(runs, reference):
     _, grads = runs
     difference = max_relative_difference(grads[reference], grads[f"{reference}_direct"])
@@ -227,3 +257,58 @@ def test_the_teacher_leaves_at_stop_step_and_a_resumed_run_continues_identically
             assert (b[key] is None) == (a[key] is None)
             if a[key] is not None:
                 assert b[key] == pytest.approx(a[key], rel=1e-6), (key, a["iteration"])
+
+
+def test_hldf_switches_phase_at_its_step_and_resumes_identically(tmp_path, data):
+    """HLDF at PP 2 (the hint layer on stage 0): phase 1 for 3 iterations (lr warmed up over 2,
+    then constant; layers 3–4 frozen), then KD with the lr warmed up again over 2 and decayed;
+    once straight through 6 iterations, once stopped every 2 (exit_interval) and resumed. After
+    phase 1's iterations the later layers are exactly their initial values, the first ones not."""
+    cfg = base_config(
+        data,
+        method="hldf",
+        hld={"phase1_iters": 3, "phase1_warmup_iters": 2},
+        distillation={"alpha": 0.5, "top_k": 8},
+        training={"train_iters": 6},
+        parallel={"pipeline_model_parallel_size": 2},
+    )
+    cfg["optimizer"].update(lr=1e-3, lr_warmup_fraction=0.5)
+    straight = write_config(tmp_path / "straight.yaml", {**cfg, "checkpoint": {"save": str(tmp_path / "straight")}})
+    torchrun(2, "-m megatron_let.train", "--config", str(straight), "--set", "training.train_iters=0",
+             "--set", f"checkpoint.save={tmp_path / 'init'}")  # fmt: skip
+    out = torchrun(2, "-m megatron_let.train", "--config", str(straight)).stdout
+    assert "hldf: phase 1 (iterations 1–3): student layers 1–2 + MLP regressor (64→256→48)" in out
+    assert "iteration 4: HLDF phase 2: KD over the whole student, lr warmed up again" in out
+    done = records(tmp_path / "straight" / "metrics.jsonl")
+    lrs = [r["lr"] / 1e-3 for r in done]
+    assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.5, 1.0, 0.1])  # min_lr = 0.1 × lr at the end of the decay
+    assert all(r["lm_loss"] is None and r["kd_loss"] is None and r["hint_loss"] > 0 for r in done[:3])
+    assert all(r["lm_loss"] > 0 and r["kd_loss"] > 0 and r["hint_loss"] is None for r in done[3:])
+
+    resumed = tmp_path / "resumed"
+    split = {**cfg, "checkpoint": {"save": str(resumed), "load": str(resumed)}}
+    split["training"] = {**cfg["training"], "exit_interval": 2}
+    path = write_config(tmp_path / "split.yaml", split)
+    for _ in range(3):
+        torchrun(2, "-m megatron_let.train", "--config", str(path))
+    again = records(resumed / "metrics.jsonl")
+    assert [r["iteration"] for r in again] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(done, again):
+        for key in ("lm_loss", "kd_loss", "hint_loss", "lr"):
+            assert (b[key] is None) == (a[key] is None)
+            if a[key] is not None:
+                assert b[key] == pytest.approx(a[key], rel=1e-6), (key, a["iteration"])
+
+    # The weights after 2 phase-1 iterations, read back at TP = PP = 1, against the initial ones.
+    single = write_config(tmp_path / "single.yaml", {**cfg, "parallel": {}})
+    dumps = [str(tmp_path / "init"), str(resumed / "iter_0000002"), str(resumed / "iter_0000006")]
+    torchrun(1, "tests/harness/read_grads.py", "--config", str(single), "--out", str(tmp_path / "w.pt"), *dumps)
+    weights = torch.load(tmp_path / "w.pt")
+    initial, phase1, final = (weights[d] for d in dumps)
+    for name in initial:
+        if any(f"decoder.layers.{i}." in name for i in (2, 3)) or "final_layernorm" in name:
+            assert torch.equal(initial[name], phase1[name]), name  # frozen: not even weight decay
+            if "weight" in name:
+                assert not torch.equal(initial[name], final[name]), name  # trained in phase 2
+        elif name.startswith(("decoder.layers.0.", "decoder.layers.1.", "hint_regressor.")) and "weight" in name:
+            assert not torch.equal(initial[name], phase1[name]), name

@@ -14,10 +14,12 @@ knows no method's details.
 
 from __future__ import annotations
 
-from megatron_let.config import DISTILLATION_METHODS, HIDDEN_LAYER_METHODS, LETConfig
-from megatron_let.objectives.base import Objective
+from typing import Optional
 
-__all__ = ["Objective", "add_trainable_modules", "build_objective", "trainable_module_keys"]
+from megatron_let.config import DISTILLATION_METHODS, HIDDEN_LAYER_METHODS, LETConfig
+from megatron_let.objectives.base import Objective, PhasedSchedule
+
+__all__ = ["Objective", "add_trainable_modules", "build_objective", "phased_schedule", "trainable_module_keys"]
 
 
 def add_trainable_modules(cfg: LETConfig, chunk) -> None:
@@ -28,6 +30,15 @@ def add_trainable_modules(cfg: LETConfig, chunk) -> None:
         from megatron_let.objectives.hld import add_regressor
 
         add_regressor(cfg, chunk)
+
+
+def phased_schedule(cfg: LETConfig) -> Optional[PhasedSchedule]:
+    """The run's two lr phases, for an objective that has them (hldf), else None."""
+    if cfg.objective == "hldf":
+        from megatron_let.objectives.hld import hldf_schedule
+
+        return hldf_schedule(cfg)
+    return None
 
 
 def trainable_module_keys(cfg: LETConfig) -> tuple[str, ...]:
@@ -45,6 +56,10 @@ def build_objective(cfg: LETConfig, model: list, *, iteration: int, **build) -> 
         from megatron_let.objectives.let import LETObjective
 
         return LETObjective(cfg, model, iteration=iteration, **build)
+    if cfg.objective == "hldf":
+        from megatron_let.objectives.hld import HLDFObjective
+
+        return HLDFObjective(cfg, model, iteration=iteration, **build)
     if cfg.objective in HIDDEN_LAYER_METHODS:
         from megatron_let.objectives.hld import HLDCObjective
 

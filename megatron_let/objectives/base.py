@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from megatron_let.flops import FlopsCounter
+
+# What an objective's forward returns as the LM loss to report when it computed none (HLDF's
+# phase 1 stops before the output layer): the step's lm loss is then not measured.
+NOT_COMPUTED = object()
+
+
+@dataclass(frozen=True)
+class PhasedSchedule:
+    """A run in two phases with their own lr schedules (HLDF): iterations 1..``boundary`` warm up
+    over ``phase1_warmup`` iterations, then hold the peak lr, the parameters marked with attribute
+    ``frozen_attr`` at lr 0; then the run's schedule (warm-up and decay) over the rest."""
+
+    boundary: int
+    phase1_warmup: int
+    frozen_attr: str
 
 
 class Objective:

@@ -30,25 +30,60 @@ from megatron_let.config import LETConfig, resolve_hint_layers
 from megatron_let.flops import teacher_flops_per_token
 from megatron_let.model import initialization
 from megatron_let.model.gpt import unwrap
+from megatron_let.objectives.base import NOT_COMPUTED, PhasedSchedule
 from megatron_let.objectives.hook import AlignmentHook, find_layer, layer_owner, main_loss_scale
 from megatron_let.objectives.kd import KDObjective
 from megatron_let.objectives.teacher import teacher_model
 
 REGRESSOR = "hint_regressor"  # the attribute (and checkpoint key prefix) on the owning chunk
+FROZEN_IN_PHASE1 = "hldf_frozen_in_phase1"  # parameter attribute: the layers after the hint layer
 
 
 def add_regressor(cfg: LETConfig, chunk: torch.nn.Module) -> None:
-    """Give ``chunk`` (a GPTModel, not yet wrapped) the regressor W_R if it owns the student's
-    hint layer. Its initial weights depend on the seed only (not on the layout)."""
+    """Give ``chunk`` (a GPTModel, not yet wrapped) the regressor if it owns the student's hint
+    layer: W_R (linear, hldc) or FitNets' MLP (hldf). Its initial weights depend on the seed only
+    (not on the layout). For hldf, mark what phase 1 freezes: the layers after the hint layer, the
+    final norm, and an untied output layer (a tied one is the embedding, trained in phase 1)."""
     student_layer, _ = resolve_hint_layers(cfg)
+    if cfg.objective == "hldf":
+        gpt = unwrap(chunk)
+        frozen = [layer for layer in gpt.decoder.layers if layer.layer_number > student_layer]
+        if getattr(gpt.decoder, "final_layernorm", None) is not None:
+            frozen.append(gpt.decoder.final_layernorm)
+        if gpt.post_process and not gpt.share_embeddings_and_output_weights:
+            frozen.append(gpt.output_layer)
+        for module in frozen:
+            for param in module.parameters():
+                setattr(param, FROZEN_IN_PHASE1, True)
     if find_layer([chunk], student_layer) is None:
         return
     d_student, d_teacher = cfg.model.hidden_size, teacher_model(cfg.teacher).hidden_size  # type: ignore[arg-type]
+    kind = cfg.hld.regressor or ("mlp" if cfg.objective == "hldf" else "linear")
     with initialization.build_scope(cfg.training.seed), initialization.seeded(REGRESSOR):
-        regressor = torch.nn.Linear(d_student, d_teacher, bias=False)
+        if kind == "linear":
+            regressor: torch.nn.Module = torch.nn.Linear(d_student, d_teacher, bias=False)
+        else:
+            width = cfg.hld.mlp_expansion * d_student
+            regressor = torch.nn.Sequential(
+                torch.nn.Linear(d_student, width), torch.nn.GELU(), torch.nn.Linear(width, d_teacher)
+            )
     for param in regressor.parameters():
         param.sequence_parallel = cfg.parallel.sequence_parallel  # type: ignore[attr-defined]
     setattr(chunk, REGRESSOR, regressor)
+
+
+def regressor_parameters(cfg: LETConfig) -> int:
+    """N_reg: the regressor's parameter count."""
+    d_student, d_teacher = cfg.model.hidden_size, teacher_model(cfg.teacher).hidden_size  # type: ignore[arg-type]
+    if (cfg.hld.regressor or ("mlp" if cfg.objective == "hldf" else "linear")) == "linear":
+        return d_student * d_teacher
+    width = cfg.hld.mlp_expansion * d_student
+    return d_student * width + width + width * d_teacher + d_teacher
+
+
+def hldf_schedule(cfg: LETConfig) -> PhasedSchedule:
+    assert cfg.hld.phase1_iters is not None
+    return PhasedSchedule(cfg.hld.phase1_iters, cfg.hld.phase1_warmup_iters, FROZEN_IN_PHASE1)
 
 
 class HLDCObjective(KDObjective):
@@ -90,7 +125,9 @@ class HLDCObjective(KDObjective):
         if evaluating or self.teacher is None or self.hook is None or model_chunk is not self.hook_chunk:
             return
         # The stage that also computes the logits runs the teacher once for both terms.
-        with_logits = bool(get_attr_wrapped_model(model_chunk, "post_process")) and self.cache is None
+        with_logits = (
+            self._logit_term() and bool(get_attr_wrapped_model(model_chunk, "post_process")) and self.cache is None
+        )
         state, logits = self.teacher.run(
             batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
             layer=self.teacher_layer, logits=with_logits,
@@ -99,14 +136,27 @@ class HLDCObjective(KDObjective):
         scale = main_loss_scale(self.config, self.num_microbatches, self.device)
         self.hook.prepare(state, batch["loss_mask"], self.gamma, scale)
 
+    def _logit_term(self) -> bool:
+        """Whether this step distils logits too (HLDF's phase 1 does not)."""
+        return True
+
+    def phase_without_hint(self) -> bool:
+        """Whether this step has no hint term anywhere (HLDF's phase 2)."""
+        return False
+
     def _teacher_logits(self, batch: dict) -> torch.Tensor:
         logits, self._logits_ahead = self._logits_ahead, None
         return logits if logits is not None else super()._teacher_logits(batch)
 
+    def _hint_counts_tokens(self) -> bool:
+        """Whether the hint layer's stage reports the token count (when no KL is measured)."""
+        return False
+
     def take_metric_sums(self) -> Optional[torch.Tensor]:
         """(Σ KL, Σ hint loss, tokens): the KL and the token count from the last stage's TP rank 0,
         the hint sums from the hint layer's stage (every TP rank's own tokens under sequence
-        parallelism, else TP rank 0's) — the same tokens, so the means are over one count."""
+        parallelism, else TP rank 0's) — the same tokens, so the means are over one count (the
+        hint stage's, when there is no KL term)."""
         kd = super().take_metric_sums()
         hint = self.hook.take_metrics().sums if self.hook is not None else None
         if hint is not None and not self.cfg.parallel.sequence_parallel:
@@ -114,10 +164,16 @@ class HLDCObjective(KDObjective):
         if kd is None and hint is None:
             return None
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        if not self._logit_term():
+            sums[0] = float("nan")  # no KL term this step, anywhere: not measured
         if kd is not None:
             sums[0], sums[2] = kd[0], kd[1]
+        if self.phase_without_hint():
+            sums[1] = float("nan")
         if hint is not None:
             sums[1] = hint[0]
+            if self._hint_counts_tokens():
+                sums[2] = hint[2]
         return sums
 
     def close(self) -> None:
@@ -134,7 +190,7 @@ class HLDCObjective(KDObjective):
         logits = super()._teacher_flops_per_token(seq_length)
         if self.distill.teacher_cache:  # the logits are cached: the teacher runs to its hint layer only
             logits = teacher_flops_per_token(teacher, seq_length, self.teacher_layer)
-        return logits + 6 * self.cfg.model.hidden_size * teacher.hidden_size
+        return logits + 6 * regressor_parameters(self.cfg)
 
     def describe(self) -> str:
         teacher = teacher_model(self.teacher_cfg)
@@ -142,4 +198,93 @@ class HLDCObjective(KDObjective):
             super().describe() + f"; + {self.gamma}·hint: student layer {self.student_layer} → W_R "
             f"({self.cfg.model.hidden_size}→{teacher.hidden_size}) ← teacher layer {self.teacher_layer}, "
             "normalised MSE"
+        )
+
+
+def first_layers_forward(model_chunk, batch: dict, last_layer: int) -> torch.Tensor:
+    """This chunk's part of a forward that stops after global layer ``last_layer``: the embedding
+    (first stage) or the received activation, then the chunk's layers up to ``last_layer``; the
+    later ones are not run. Returns what the chunk hands on: the hidden state ``[s, b, h]`` (for
+    the next stage), unchanged past ``last_layer``."""
+    gpt = unwrap(model_chunk)
+    tokens, position_ids, mask = batch["tokens"], batch["position_ids"], batch.get("attention_mask")
+    if gpt.pre_process:
+        hidden = gpt.embedding(input_ids=tokens, position_ids=position_ids)
+    else:
+        hidden = gpt.decoder.input_tensor
+    rotary = gpt.rotary_pos_emb(tokens.shape[1]) if gpt.position_embedding_type == "rope" else None
+    for layer in gpt.decoder.layers:
+        if layer.layer_number <= last_layer:
+            hidden, _ = layer(hidden, attention_mask=mask, rotary_pos_emb=rotary)
+    return hidden
+
+
+class HLDFObjective(HLDCObjective):
+    """FitNets' two phases (the compute-matched paper's HLDF). Phase 1, iterations ≤
+    ``hld.phase1_iters``: the student's layers up to the hint layer and the MLP regressor train on
+    the normalised hint loss alone (weight 1); the layers after it are not run, their parameters
+    frozen at lr 0 (:class:`~megatron_let.training.optimizer.PhasedScheduler`). Phase 2: KD
+    (``(1 − α)·NLL + α·τ²·KL``) over the whole student, the lr warmed up again. The phase follows
+    from the iteration, so a run resumes in either."""
+
+    name = "hldf"
+
+    def __init__(self, cfg: LETConfig, model: list, *, iteration: int, **build):
+        assert cfg.hld.phase1_iters is not None
+        self.boundary = cfg.hld.phase1_iters
+        self.phase = 1 if iteration < self.boundary else 2
+        super().__init__(cfg, model, iteration=iteration, **build)
+        self.gamma = 1.0  # phase 1 minimises the hint loss alone
+        # Every parameter in each step's graph (megatron's overlapped reduction waits for all).
+        self._frozen = {
+            id(chunk): [p for p in chunk.parameters() if getattr(p, FROZEN_IN_PHASE1, False)] for chunk in model
+        }
+
+    def begin_step(self, iteration: int) -> float:
+        phase = 1 if iteration < self.boundary else 2
+        if phase != self.phase:
+            self.log(f"iteration {iteration + 1}: HLDF phase 2: KD over the whole student, lr warmed up again")
+        self.phase = phase
+        return 1.0 if phase == 1 else self.distill.alpha
+
+    def before_forward(self, model_chunk, batch: dict, weight: float, evaluating: bool = False) -> None:
+        if self.phase == 1:
+            super().before_forward(model_chunk, batch, weight, evaluating)
+        else:
+            self._logits_ahead = None
+
+    def forward(self, model_chunk, batch: dict, weight: float, evaluating: bool = False):
+        if evaluating or self.phase == 2:
+            return super().forward(model_chunk, batch, weight, evaluating)
+        self.before_forward(model_chunk, batch, weight, evaluating)  # arms the hint hook
+        hidden = first_layers_forward(model_chunk, batch, self.student_layer)
+        frozen = self._frozen.get(id(model_chunk))
+        if frozen:  # a zero that reaches them: their gradient is 0, and present
+            hidden = hidden + 0.0 * torch.stack([p.sum() for p in frozen]).sum().to(hidden.dtype)
+        elif not get_attr_wrapped_model(model_chunk, "post_process"):
+            hidden = hidden.clone()  # a stage output of its own (megatron frees it after sending)
+        if not get_attr_wrapped_model(model_chunk, "post_process"):
+            return hidden, None
+        # The last stage's "loss": zero, tied to the graph so the backward reaches the hint layer.
+        zero = torch.zeros(batch["tokens"].shape, device=hidden.device) + 0.0 * hidden.float().sum()
+        return zero, NOT_COMPUTED
+
+    def _hint_counts_tokens(self) -> bool:
+        return self.phase == 1
+
+    def _logit_term(self) -> bool:
+        return self.phase == 2
+
+    def phase_without_hint(self) -> bool:
+        return self.phase == 2
+
+    def describe(self) -> str:
+        teacher = teacher_model(self.teacher_cfg)
+        d = self.distill
+        return (
+            f"hldf: phase 1 (iterations 1–{self.boundary}): student layers 1–{self.student_layer} + MLP regressor "
+            f"({self.cfg.model.hidden_size}→{self.cfg.hld.mlp_expansion * self.cfg.model.hidden_size}→"
+            f"{teacher.hidden_size}) ← teacher layer {self.teacher_layer}, normalised MSE alone, later layers frozen "
+            f"and not run; phase 2: (1 − {d.alpha})·NLL + {d.alpha}·τ²·KL, τ {d.temperature}, "
+            f"{'whole vocabulary' if d.top_k is None else f'teacher top-{d.top_k} renormalised'}, lr warmed up again"
         )

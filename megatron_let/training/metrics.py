@@ -4,6 +4,7 @@ stdout (Megatron-LM's line format), JSONL and TensorBoard on global rank 0."""
 from __future__ import annotations
 
 import json
+import math
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
@@ -167,8 +168,8 @@ class StepMetrics:
         for step, values in zip(steps, sums.tolist()):
             lm_sum, lm_tokens, *objective, objective_tokens = values
             record = {"iteration": step["iteration"], "lm_loss": lm_sum / lm_tokens if lm_tokens > 0 else None}
-            for key, value in zip(self.metric_keys, objective):
-                record[key] = value / objective_tokens if objective_tokens > 0 else None
+            for key, value in zip(self.metric_keys, objective):  # NaN: a term the step did not have
+                record[key] = value / objective_tokens if objective_tokens > 0 and not math.isnan(value) else None
             record |= {
                 "lambda": step["lambda"],
                 "lr": step["lr"],
@@ -210,9 +211,10 @@ class StepMetrics:
             values = [r[key] for r in window if r[key] is not None]
             return sum(values) / max(1, len(values))
 
+        measured = any(r["lm_loss"] is not None for r in window)
         parts = [
             f" iteration {record['iteration']:>6}/{self.cfg.training.train_iters}",
-            f"lm loss {mean('lm_loss'):.4f}",
+            f"lm loss {mean('lm_loss'):.4f}" if measured else "lm loss -",
         ]
         if record["lambda"] > 0 or any(record[key] is not None for key in self.metric_keys):
             parts += [

@@ -2,16 +2,51 @@
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Optional
+
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
-from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer import ParamKey, get_megatron_optimizer, get_standard_config_overrides
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_let.config import LETConfig
 from megatron_let.model.gpt import DTYPES
+from megatron_let.objectives.base import PhasedSchedule
+
+FROZEN_GROUP = "frozen_in_phase1"  # the key marking the parameter groups a PhasedSchedule freezes
 
 
-def build_optimizer(cfg: LETConfig, model: list, *, precision: str, on_cpu: bool):
-    """(optimizer, scheduler) over the model chunks; the loss scale is wired into the model config."""
+class PhasedScheduler(OptimizerParamScheduler):
+    """megatron's scheduler over a :class:`PhasedSchedule`: in phase 1 (iterations ≤ boundary) a
+    warm-up then a constant lr, the frozen groups at lr 0 (so Adam moves them neither by gradient
+    nor by weight decay); after it, megatron's own schedule counted from the boundary (its
+    warm-up is the re-warm-up)."""
+
+    def __init__(self, optimizer, phases: PhasedSchedule, **schedule):
+        self.phases = phases
+        super().__init__(optimizer, **schedule)
+
+    def get_lr(self, param_group: dict) -> float:
+        step: int = self.num_steps  # type: ignore[has-type]
+        boundary = self.phases.boundary
+        if step <= boundary:
+            if param_group.get(FROZEN_GROUP):
+                return 0.0
+            peak: float = param_group.get("max_lr") or self.max_lr
+            warmup = min(self.phases.phase1_warmup, boundary)
+            return peak * step / warmup if warmup and step <= warmup else peak
+        self.num_steps = step - boundary
+        try:
+            return super().get_lr(param_group)
+        finally:
+            self.num_steps = step
+
+
+def build_optimizer(
+    cfg: LETConfig, model: list, *, precision: str, on_cpu: bool, phases: Optional[PhasedSchedule] = None
+):
+    """(optimizer, scheduler) over the model chunks; the loss scale is wired into the model config.
+    ``phases``: a two-phase run; the parameters it freezes get parameter groups of their own."""
     opt, train = cfg.optimizer, cfg.training
     config = MegatronOptimizerConfig(
         optimizer="adam",
@@ -27,11 +62,22 @@ def build_optimizer(cfg: LETConfig, model: list, *, precision: str, on_cpu: bool
         params_dtype=DTYPES[precision],
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
-    optimizer = get_megatron_optimizer(config, model, use_gloo_process_groups=on_cpu)
+    overrides = None
+    if phases is not None:
+        # megatron groups parameters by their overrides, and on resume tells the groups apart by
+        # (wd_mult, lr_mult, ...): the frozen ones carry a marker and lr_mult 0. megatron-core 0.16's
+        # scheduler never reads lr_mult (it sets each group's lr from its max_lr / min_lr), and
+        # PhasedScheduler gives these groups lr 0 in phase 1 and the run's lr after it.
+        overrides = get_standard_config_overrides(config)
+        overrides[ParamKey(attr=phases.frozen_attr)] = {FROZEN_GROUP: True, "lr_mult": 0.0}
+    optimizer = get_megatron_optimizer(config, model, config_overrides=overrides, use_gloo_process_groups=on_cpu)
     model[0].config.grad_scale_func = optimizer.scale_loss
-    decay_steps = max(1, train.train_iters)
-    warmup = min(int(round(opt.lr_warmup_fraction * train.train_iters)), decay_steps - 1)
-    scheduler = OptimizerParamScheduler(
+    # With phases, the run's schedule covers what follows phase 1.
+    span = max(0, train.train_iters - (phases.boundary if phases is not None else 0))
+    decay_steps = max(1, span)
+    warmup = min(int(round(opt.lr_warmup_fraction * span)), decay_steps - 1)
+    scheduler_class = OptimizerParamScheduler if phases is None else partial(PhasedScheduler, phases=phases)
+    scheduler = scheduler_class(
         optimizer,
         init_lr=0.0,
         max_lr=opt.lr,

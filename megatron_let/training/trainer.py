@@ -23,7 +23,8 @@ from megatron_let.config import LETConfig
 from megatron_let.data.datasets import build_datasets, close_iterators, make_iterator
 from megatron_let.flops import FlopsCounter, megatron_lm_flops_per_token, training_flops_per_token
 from megatron_let.model.gpt import resolve_precision, select_kernels, use_transformer_engine
-from megatron_let.objectives import add_trainable_modules, build_objective, trainable_module_keys
+from megatron_let.objectives import add_trainable_modules, build_objective, phased_schedule, trainable_module_keys
+from megatron_let.objectives.base import NOT_COMPUTED
 from megatron_let.platform import cpu, signals
 from megatron_let.platform import distributed as parallel
 from megatron_let.training.checkpointer import Checkpointer, lock_checkpoint_directory
@@ -78,7 +79,9 @@ class Trainer:
             add_modules=partial(add_trainable_modules, cfg),
         )
         self.config = self.model[0].config
-        self.optimizer, self.scheduler = build_optimizer(cfg, self.model, precision=self.precision, on_cpu=self.on_cpu)
+        self.optimizer, self.scheduler = build_optimizer(
+            cfg, self.model, precision=self.precision, on_cpu=self.on_cpu, phases=phased_schedule(cfg)
+        )
         wire_gradient_sync(self.model)
         self.checkpointer = Checkpointer(
             cfg, self.model, self.optimizer, self.scheduler, self._print, trainable_module_keys(cfg)
@@ -184,14 +187,18 @@ class Trainer:
         return output, partial(self._loss, batch["loss_mask"], nll)
 
     @staticmethod
-    def _loss(loss_mask: torch.Tensor, nll: Optional[torch.Tensor], per_token_loss: torch.Tensor):
+    def _loss(loss_mask: torch.Tensor, nll, per_token_loss: torch.Tensor):
         """The masked token sum of the loss to minimise (megatron divides by the global token
-        count); the LM loss is reported, which is that loss unless the objective adds to it."""
+        count); the LM loss is reported, which is that loss unless the objective adds to it (or
+        did not compute one: NOT_COMPUTED)."""
         mask = loss_mask.reshape(-1).float()
         loss_sum = (per_token_loss.float().reshape(-1) * mask).sum()
         tokens = mask.sum()
-        lm_sum = loss_sum if nll is None else (nll.float().reshape(-1) * mask).sum()
-        report = torch.stack([lm_sum.detach(), tokens])
+        if nll is NOT_COMPUTED:
+            report = torch.zeros(2, device=tokens.device)
+        else:
+            lm_sum = loss_sum if nll is None else (nll.float().reshape(-1) * mask).sum()
+            report = torch.stack([lm_sum.detach(), tokens])
         return loss_sum, tokens.to(torch.int), {"lm loss": report}
 
     def train_step(self) -> dict:

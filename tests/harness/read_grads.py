@@ -82,7 +82,8 @@ def direct_kd_gradients(cfg, trainer, gpt) -> dict:
     d, vocab = cfg.distillation, cfg.model.vocab_size
     teacher = trainer.objective.teacher
     params = list(gpt.parameters())
-    hint = cfg.objective == "hldc"
+    hint = cfg.objective in ("hldc", "hldf")
+    hint_only = cfg.objective == "hldf"  # its phase 1: the hint loss alone (weight 1), no NLL, no KD
     captured = {}
     if hint:
         trainer.objective.hook.remove()  # the term is written out below instead
@@ -113,10 +114,13 @@ def direct_kd_gradients(cfg, trainer, gpt) -> dict:
         if hint:
             regressed = F.normalize(gpt.hint_regressor(captured["h"]), dim=-1)
             target = F.normalize(captured["t"], dim=-1)
-            per_token = per_token + cfg.hld.gamma * F.mse_loss(regressed, target, reduction="none").mean(-1).t()
+            hint_loss = F.mse_loss(regressed, target, reduction="none").mean(-1).t()
+            per_token = hint_loss if hint_only else per_token + cfg.hld.gamma * hint_loss
         mask = batch["loss_mask"].float()
         total = total + (per_token * mask).sum() / mask.sum() / m
-    grads = torch.autograd.grad(total, params)
+    # Parameters the loss does not reach (HLDF's later layers) have gradient 0.
+    grads = torch.autograd.grad(total, params, allow_unused=True)
+    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
     return {n: g for (n, _), g in zip(gpt.named_parameters(), grads)}
 
 
