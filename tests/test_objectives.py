@@ -209,6 +209,28 @@ def records(path):
     return [json.loads(line) for line in path.read_text().splitlines() if "split" not in line]
 
 
+def stopped_and_resumed(tmp_path, cfg: dict, layouts: list, every: int = 2, processes: int = 2) -> list:
+    """The run of ``cfg`` stopped every ``every`` iterations (exit_interval) and resumed, one
+    launch per entry of ``layouts`` (its --set overrides); its metric records."""
+    resumed = tmp_path / "resumed"
+    split = {**cfg, "checkpoint": {"save": str(resumed), "load": str(resumed)}}
+    split["training"] = {**cfg["training"], "exit_interval": every}
+    path = write_config(tmp_path / "split.yaml", split)
+    for layout in layouts:
+        sets = [item for setting in layout for item in ("--set", setting)]
+        torchrun(processes, "-m megatron_let.train", "--config", str(path), *sets)
+    return records(resumed / "metrics.jsonl")
+
+
+def assert_same_records(done: list, again: list, keys: tuple, rel: float) -> None:
+    assert [r["iteration"] for r in again] == [r["iteration"] for r in done]
+    for a, b in zip(done, again):
+        for key in (k for k in keys if k in a):
+            assert (b[key] is None) == (a[key] is None), (key, a["iteration"])
+            if a[key] is not None:
+                assert b[key] == pytest.approx(a[key], rel=rel), (key, a["iteration"])
+
+
 RESUMED = {
     # method: (method config, layout); both release the teacher at step 3 of 6
     "salt": ({"distillation": {"alpha": 0.5, "temperature": 1.0, "top_k": 8, "stop_step": 3}}, "pp2"),
@@ -243,20 +265,8 @@ def test_the_teacher_leaves_at_stop_step_and_a_resumed_run_continues_identically
     if method == "hldc":
         assert all(r["hint_loss"] > 0 for r in done[:3]) and all(r["hint_loss"] is None for r in done[3:])
 
-    resumed = tmp_path / "resumed"
-    split = {**cfg, "checkpoint": {"save": str(resumed), "load": str(resumed)}}
-    split["training"] = {**cfg["training"], "exit_interval": 2}
-    path = write_config(tmp_path / "split.yaml", split)
-    for _ in range(3):
-        torchrun(2, "-m megatron_let.train", "--config", str(path))
-    again = records(resumed / "metrics.jsonl")
-    assert [r["iteration"] for r in again] == [1, 2, 3, 4, 5, 6]
-    for a, b in zip(done, again):
-        assert b["lm_loss"] == pytest.approx(a["lm_loss"], rel=1e-6), a["iteration"]
-        for key in ("kd_loss", "hint_loss") if method == "hldc" else ("kd_loss",):
-            assert (b[key] is None) == (a[key] is None)
-            if a[key] is not None:
-                assert b[key] == pytest.approx(a[key], rel=1e-6), (key, a["iteration"])
+    again = stopped_and_resumed(tmp_path, cfg, layouts=[[]] * 3)
+    assert_same_records(done, again, ("lm_loss", "kd_loss", "hint_loss"), rel=1e-6)
 
 
 def test_hldf_switches_phase_at_its_step_and_resumes_identically(tmp_path, data):
@@ -285,19 +295,9 @@ def test_hldf_switches_phase_at_its_step_and_resumes_identically(tmp_path, data)
     assert all(r["lm_loss"] is None and r["kd_loss"] is None and r["hint_loss"] > 0 for r in done[:3])
     assert all(r["lm_loss"] > 0 and r["kd_loss"] > 0 and r["hint_loss"] is None for r in done[3:])
 
+    again = stopped_and_resumed(tmp_path, cfg, layouts=[[]] * 3)
+    assert_same_records(done, again, ("lm_loss", "kd_loss", "hint_loss", "lr"), rel=1e-6)
     resumed = tmp_path / "resumed"
-    split = {**cfg, "checkpoint": {"save": str(resumed), "load": str(resumed)}}
-    split["training"] = {**cfg["training"], "exit_interval": 2}
-    path = write_config(tmp_path / "split.yaml", split)
-    for _ in range(3):
-        torchrun(2, "-m megatron_let.train", "--config", str(path))
-    again = records(resumed / "metrics.jsonl")
-    assert [r["iteration"] for r in again] == [1, 2, 3, 4, 5, 6]
-    for a, b in zip(done, again):
-        for key in ("lm_loss", "kd_loss", "hint_loss", "lr"):
-            assert (b[key] is None) == (a[key] is None)
-            if a[key] is not None:
-                assert b[key] == pytest.approx(a[key], rel=1e-6), (key, a["iteration"])
 
     # The weights after 2 phase-1 iterations, read back at TP = PP = 1, against the initial ones.
     single = write_config(tmp_path / "single.yaml", {**cfg, "parallel": {}})
@@ -312,3 +312,35 @@ def test_hldf_switches_phase_at_its_step_and_resumes_identically(tmp_path, data)
                 assert not torch.equal(initial[name], final[name]), name  # trained in phase 2
         elif name.startswith(("decoder.layers.0.", "decoder.layers.1.", "hint_regressor.")) and "weight" in name:
             assert not torch.equal(initial[name], phase1[name]), name
+
+
+RESHARDED = {
+    # method: (method config, layout of iteration 1, layout of iteration 2)
+    "let": ({"alignment": {"lambda0": 0.5, "loss": "cosine"}}, TP2_SP, ["parallel.pipeline_model_parallel_size=2"]),
+    "kd": ({"distillation": {"alpha": 0.5, "top_k": 16}}, ["parallel.pipeline_model_parallel_size=2"], TP2_SP),
+    "hldc": (
+        {"distillation": {"top_k": 16}, "hld": {"gamma": 1.0}},
+        TP2_SP,
+        ["parallel.pipeline_model_parallel_size=2"],
+    ),
+    "hldf": (
+        {"distillation": {"top_k": 16}, "hld": {"phase1_iters": 1}},
+        ["parallel.pipeline_model_parallel_size=2"],
+        TP2_SP,
+    ),
+}
+
+
+@pytest.mark.parametrize("method", list(RESHARDED))
+def test_a_run_saved_under_one_layout_resumes_under_another_identically(tmp_path, data, method):
+    """Iteration 1 under one layout, saved; iteration 2 resumed under another (TP 2 with sequence
+    parallelism ↔ PP 2, DP 2 where TP or PP is 1): the objective's own parameters (hldc's W_R,
+    hldf's MLP) and optimizer state reshard; the losses equal a straight single-process run's.
+    hldf crosses its phase boundary at the resume."""
+    sections, first, second = RESHARDED[method]
+    cfg = base_config(data, method=method, training={"train_iters": 2}, **sections)
+    straight = write_config(tmp_path / "straight.yaml", {**cfg, "checkpoint": {"save": str(tmp_path / "straight")}})
+    torchrun(1, "-m megatron_let.train", "--config", str(straight))
+    again = stopped_and_resumed(tmp_path, cfg, layouts=[first, second], every=1, processes=4)  # DP 2 as well
+    done = records(tmp_path / "straight" / "metrics.jsonl")
+    assert_same_records(done, again, ("lm_loss", "kd_loss", "hint_loss", "alignment_loss"), rel=1e-5)

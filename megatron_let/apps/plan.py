@@ -53,7 +53,14 @@ from typing import Optional
 
 import yaml
 
-from megatron_let.config import DISTILLATION_METHODS, ConfigError, LETConfig, ModelConfig, resolve_layers
+from megatron_let.config import (
+    DISTILLATION_METHODS,
+    HIDDEN_LAYER_METHODS,
+    ConfigError,
+    LETConfig,
+    ModelConfig,
+    resolve_layers,
+)
 from megatron_let.run_config import load_run_config
 
 GIB = 1024**3
@@ -638,6 +645,15 @@ def estimate(
         stage = stages[rank]
         stage.teacher_weights, stage.teacher_forward = teacher.weights, teacher.forward
         stage.alignment = per_microbatch * in_flight(run.pp, run.vpp, rank, run.microbatches)
+        if cfg.objective in HIDDEN_LAYER_METHODS:
+            notes.append(
+                f"{cfg.objective}: a second teacher copy (run to its hint layer) and the regressor live on the stage "
+                "owning the student's hint layer: not counted here"
+            )
+        if distilling and cfg.distillation.teacher_cache:
+            notes.append(
+                "distillation.teacher_cache: the logits come from the cache; the last stage's teacher is not built"
+            )
         if not cfg.alignment_active and not distilling:
             notes.append(
                 "alignment is off (alignment.enabled: false or lambda0 0): the teacher is still "

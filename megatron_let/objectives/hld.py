@@ -140,7 +140,7 @@ class HLDCObjective(KDObjective):
         """Whether this step distils logits too (HLDF's phase 1 does not)."""
         return True
 
-    def phase_without_hint(self) -> bool:
+    def _no_hint_term(self) -> bool:
         """Whether this step has no hint term anywhere (HLDF's phase 2)."""
         return False
 
@@ -168,7 +168,7 @@ class HLDCObjective(KDObjective):
             sums[0] = float("nan")  # no KL term this step, anywhere: not measured
         if kd is not None:
             sums[0], sums[2] = kd[0], kd[1]
-        if self.phase_without_hint():
+        if self._no_hint_term():
             sums[1] = float("nan")
         if hint is not None:
             sums[1] = hint[0]
@@ -275,7 +275,7 @@ class HLDFObjective(HLDCObjective):
     def _logit_term(self) -> bool:
         return self.phase == 2
 
-    def phase_without_hint(self) -> bool:
+    def _no_hint_term(self) -> bool:
         return self.phase == 2
 
     def describe(self) -> str:
