@@ -92,13 +92,16 @@ def test_real_smollm2_teacher_distils_on_the_last_stage(tmp_path):
 
 
 def test_compare_tiny_runs_every_method_and_tabulates_them(tmp_path):
-    """examples/compare_tiny.sh: each objective of both papers' comparisons on tiny_cpu.yaml."""
-    command = ["bash", "examples/compare_tiny.sh", "all", "--train-iters", "1", "--work-dir", str(tmp_path / "cmp")]
+    """examples/compare_tiny.sh: the compute-matched paper's comparison on tiny_cpu.yaml (its
+    ``let`` and ``all`` modes run the same loop over the LET paper's methods, each of which has
+    its own tests; one mode keeps CI short)."""
+    command = ["bash", "examples/compare_tiny.sh", "hld", "--train-iters", "2", "--work-dir", str(tmp_path / "cmp")]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     table = {line.split()[0]: line.split()[1:] for line in result.stdout.split("method")[-1].splitlines()[1:]}
-    assert set(table) == {"baseline", "let", "rkd", "salt", "let_logsum", "let_cca", "kd", "hldc", "hldf"}
+    assert set(table) == {"nll", "kd", "hldc", "hldf"}
     flops = {method: float(values[1]) for method, values in table.items()}
-    # The teacher's forward is counted: logits (KD) cost more than LET's hidden state, HLDC adds W_R.
-    assert flops["baseline"] < flops["let"] < flops["kd"] < flops["hldc"]
+    # The teacher's forward is counted (KD), and the regressor's training on top of it (HLDC).
+    assert flops["nll"] < flops["kd"] < flops["hldc"]
+    assert table["hldf"][0] != "-"  # iteration 2 is in its phase 2: an LM loss again
     assert "hint loss" in result.stdout and "kd loss" in result.stdout

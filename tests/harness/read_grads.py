@@ -3,7 +3,7 @@ direct reference — the same step's gradients by plain autograd of Σ_m (LM_m +
 (L_align: the config's cosine or CCA loss),
 without the hook, the aux-loss scaler or megatron's schedule.
 
-Usage: read_grads.py --config BASE.yaml --set ... --out grads.pt [--direct] DUMP_DIR ...
+Usage: read_grads.py --config BASE.yaml --set ... --out grads.pt [--direct | --direct-kd] [--initial] DUMP_DIR ...
 """
 
 import sys
@@ -17,6 +17,7 @@ def main():
     parser = harness_args.parser()
     parser.add_argument("--direct", action="store_true")
     parser.add_argument("--direct-kd", action="store_true", help="the reference for a logit-distillation step")
+    parser.add_argument("--initial", action="store_true", help="also the model's initial weights, as built")
     parser.add_argument("dumps", nargs="*")
     args = parser.parse_args()
 
@@ -64,6 +65,8 @@ def main():
     if args.direct_kd:
         result["direct"] = direct_kd_gradients(cfg, trainer, gpt)
 
+    if args.initial:
+        result["initial"] = {n: p.detach().clone() for n, p in gpt.named_parameters()}
     for dump in args.dumps:
         checkpoint.load_checkpoint(dump, trainer.model, None, None)
         result[dump] = {n: p.detach().clone() for n, p in gpt.named_parameters()}
