@@ -71,6 +71,7 @@ class TokenizerConfig:
     model: Optional[str] = None  # SentencePiece .model, or a Hugging Face tokenizer directory / tokenizer.json
     vocab_file: Optional[str] = None  # GPT2BPETokenizer: encoder.json / vocab.json
     merge_file: Optional[str] = None  # GPT2BPETokenizer: vocab.bpe / merges.txt
+    gguf_file: Optional[str] = None  # HuggingFaceTokenizer: the tokenizer inside a GGUF model in ``model``
 
 
 @dataclass

@@ -175,3 +175,22 @@ def test_let_dagger_alignment_loss_equals_a_direct_computation(let_dagger):
     direct = json.loads((root / "direct.json").read_text())
     single = [json.loads(line) for line in (root / "single" / "metrics.jsonl").read_text().splitlines()][0]
     assert direct["alignment_loss"] == pytest.approx(single["alignment_loss"], rel=1e-5)
+
+
+def test_the_let_dagger_example_runs_with_the_real_smollm2_teacher(tmp_path, corpus_dir, sp_model):
+    """examples/let_dagger_smollm2_135m.yaml at its layout (PP 2, the teacher on stage 0): SmolLM2's
+    weights and its own tokenizer from the GGUF, the target's data from the corpus in SentencePiece
+    (this corpus's 1000-piece model instead of the example's 4096)."""
+    pytest.importorskip("gguf")
+    assert preprocess_main(["--input", str(corpus_dir / "train.jsonl"), "--output-prefix", str(tmp_path / "train"),
+                            "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", sp_model,
+                            "--append-eod", "--workers", "1"]) == 0  # fmt: skip
+    sets = [f"data.data_path=[{tmp_path / 'train_text_document'}]", f"data.tokenizer.model={sp_model}",
+            f"model.vocab_size={SP_VOCAB}", f"data.eod_token_id={SP_VOCAB - 1}", "model.num_layers=4",
+            "training.train_iters=2", "training.seq_length=64", f"checkpoint.save={tmp_path / 'ckpt'}",
+            "data.split=90,10,0", "eval.test_at_end=false"]  # fmt: skip
+    args = [item for setting in sets for item in ("--set", setting)]
+    out = torchrun(2, "-m megatron_let.train", "--config", "examples/let_dagger_smollm2_135m.yaml", *args, timeout=1200)
+    assert "LET† (teacher tokenizer ≠ target's" in out.stdout and "(30 layers × 576)" in out.stdout
+    first = json.loads((tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines()[0])
+    assert -1 < first["alignment_loss"] < 1 and first["lm_loss"] > 0

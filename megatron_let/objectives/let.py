@@ -26,7 +26,7 @@ from megatron_let.objectives.teacher import Teacher, load_teacher_weights, teach
 
 def _tokenizer(spec: TokenizerConfig, key: str):
     try:
-        return build_tokenizer(spec.type, spec.model, spec.vocab_file, spec.merge_file)
+        return build_tokenizer(spec.type, spec.model, spec.vocab_file, spec.merge_file, spec.gguf_file)
     except PreprocessError as err:
         raise ConfigError(f"{key}: {err}") from None
 
