@@ -181,6 +181,15 @@ def case_a_teacher_cache_that_is_not_one(tmp_path, token_data, saved_run):
     return cfg, [], f"{tmp_path / 'cache.json'}: no teacher cache here (write one with megatron-let cache-teacher)"
 
 
+def case_a_split_that_gets_no_document(tmp_path, token_data, saved_run):
+    # 64 documents: the valid split's 1% rounds to none (megatron would build it forever).
+    return (
+        tiny_config(token_data),
+        ["data.split=98,1,1"],
+        f"data.split: '98,1,1' leaves the valid split of {token_data} (64 documents) with no document",
+    )
+
+
 def case_unknown_alignment_loss(tmp_path, token_data, saved_run):
     return (
         tiny_config(token_data),

@@ -20,6 +20,10 @@ from typing import Iterator, Optional
 import numpy
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.blended_megatron_dataset_config import (
+    convert_split_vector_to_split_matrix,
+    parse_and_normalize_split,
+)
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.indexed_dataset import DType
 from megatron.core.datasets.utils import get_blend_from_list
@@ -106,6 +110,28 @@ def _check_prefixes(paths: list[str], key: str, vocab_size: int) -> None:
         check_indexed_dataset(item, key, vocab_size)
 
 
+def _document_count(prefix: str) -> int:
+    """Documents in a megatron indexed dataset (its index header; checked by check_indexed_dataset)."""
+    with open(prefix + ".idx", "rb") as stream:
+        header = stream.read(_INDEX_HEADER_BYTES)
+    return struct.unpack("<QBQQ", header[9:])[3] - 1  # the document index holds documents + 1 offsets
+
+
+def _check_split_has_documents(split: str, prefixes: list[str]) -> None:
+    """Every split with a share gets at least one document of each dataset: megatron splits each
+    dataset's documents by ``split`` and builds every split with a share, and a GPTDataset with no
+    document counts epochs forever (even when no sample is drawn from it)."""
+    ratios = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    for prefix in prefixes:
+        documents = _document_count(prefix)
+        for name, bounds in zip(("train", "valid", "test"), ratios):
+            if bounds is not None and round(bounds[0] * documents) == round(bounds[1] * documents):
+                raise DataError(
+                    f"data.split: {split!r} leaves the {name} split of {prefix} ({documents} documents) with no "
+                    "document (megatron would build it forever): give that split a larger share, or 0"
+                )
+
+
 def build_datasets(cfg: LETConfig, num_samples: tuple[int, int, int]):
     """(train, valid, test) GPTDatasets (None where the split is empty)."""
     eod = cfg.data.eod_token_id if cfg.data.eod_token_id is not None else cfg.model.vocab_size - 1
@@ -123,6 +149,8 @@ def build_datasets(cfg: LETConfig, num_samples: tuple[int, int, int]):
             blend_per_split, split = [get_blend_from_list(p) if p else None for p in per_split], None
         else:
             blend = get_blend_from_list(data.data_path)
+            if blend is not None:
+                _check_split_has_documents(data.split, list(blend[0]))
     config = GPTDatasetConfig(
         random_seed=cfg.training.seed,
         sequence_length=cfg.training.seq_length,
