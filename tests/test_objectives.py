@@ -311,31 +311,29 @@ def test_hldf_switches_phase_at_its_step_and_resumes_identically(tmp_path, data)
             assert not torch.equal(initial[name], phase1[name]), name
 
 
+PP2 = ["parallel.pipeline_model_parallel_size=2"]
+DP2: list = []  # two processes, no model parallelism
 RESHARDED = {
-    # method: (method config, layout of iteration 1, layout of iteration 2)
-    "hldc": (
-        {"distillation": {"top_k": 16}, "hld": {"gamma": 1.0}},
-        TP2_SP,
-        ["parallel.pipeline_model_parallel_size=2"],
-    ),
-    "hldf": (
-        {"distillation": {"top_k": 16}, "hld": {"phase1_iters": 1}},
-        ["parallel.pipeline_model_parallel_size=2"],
-        TP2_SP,
-    ),
+    # method: (method config, the layouts of iterations 1, 2 and 3, each launch saved and resumed by the next)
+    "let": ({"alignment": {"lambda0": 0.5}}, [TP2_SP, PP2, DP2]),
+    "kd": ({"distillation": {"alpha": 0.5, "top_k": 16}}, [PP2, DP2, TP2_SP]),
+    "hldc": ({"distillation": {"top_k": 16}, "hld": {"gamma": 1.0}}, [TP2_SP, DP2, PP2]),
+    "hldf": ({"distillation": {"top_k": 16}, "hld": {"phase1_iters": 2}}, [PP2, TP2_SP, DP2]),
 }
 
 
 @pytest.mark.parametrize("method", list(RESHARDED))
-def test_a_run_saved_under_one_layout_resumes_under_another_identically(tmp_path, data, method):
-    """Iteration 1 under one layout, saved; iteration 2 resumed under another (TP 2 with sequence
-    parallelism ↔ PP 2): the objective's own parameters (hldc's W_R, on the hint layer's stage
-    and replicated over TP; hldf's MLP) and their optimizer state reshard; the losses equal a
-    straight single-process run's. hldf crosses its phase boundary at the resume."""
-    sections, first, second = RESHARDED[method]
-    cfg = base_config(data, method=method, training={"train_iters": 2}, **sections)
+def test_each_method_resumes_under_tp_pp_and_dp_identically(tmp_path, data, method):
+    """Each iteration under another layout — TP 2 with sequence parallelism, PP 2, DP 2 — stopped
+    and resumed from the previous one's checkpoint: the model, the optimizer state and the
+    objective's own parameters (hldc's W_R on the hint layer's stage, replicated over TP; hldf's
+    MLP) reshard, and the losses equal a straight single-process run's. hldf crosses its phase
+    boundary at the last resume. (rkd is kd's code with another teacher; salt's switch and
+    resume: the test above.)"""
+    sections, layouts = RESHARDED[method]
+    cfg = base_config(data, method=method, training={"train_iters": 3}, **sections)
     straight = write_config(tmp_path / "straight.yaml", {**cfg, "checkpoint": {"save": str(tmp_path / "straight")}})
     torchrun(1, "-m megatron_let.train", "--config", str(straight))
-    again = stopped_and_resumed(tmp_path, cfg, layouts=[first, second], every=1)
+    again = stopped_and_resumed(tmp_path, cfg, layouts=layouts, every=1)
     done = records(tmp_path / "straight" / "metrics.jsonl")
     assert_same_records(done, again, ("lm_loss", "kd_loss", "hint_loss", "alignment_loss"), rel=1e-5)
