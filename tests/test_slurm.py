@@ -18,7 +18,9 @@ from conftest import REPO, tiny_config, write_config
 
 SCRIPT = REPO / "slurm" / "pretrain_let.sbatch"
 TRAIN_ITERS = 100
-LIMITED_ITERS = 600
+# More than one 1-minute run can train (at most ~8 iterations/s on 2 cores, ~30 s before the
+# warning), with HLDC's slower steps: several runs.
+LIMITED_ITERS = 400
 CPU_TASKS = ["--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0"]
 
 
@@ -36,13 +38,23 @@ def saved(ckpt):
 
 class Job:
     def __init__(
-        self, cluster, tmp_path, data, name, sbatch_args=(), submit_with_cli=False, train_iters=TRAIN_ITERS, export=""
+        self,
+        cluster,
+        tmp_path,
+        data,
+        name,
+        sbatch_args=(),
+        submit_with_cli=False,
+        train_iters=TRAIN_ITERS,
+        export="",
+        method="let",
     ):
         self.cluster, self.name = cluster, name
         self.ckpt = tmp_path / name / "ckpt"
         self.logs = tmp_path / name / "logs"
         cfg = tiny_config(
             data,
+            method=method,
             training={"train_iters": train_iters},
             parallel={"pipeline_model_parallel_size": 2},
             alignment={"stop_step": 50},
@@ -140,6 +152,7 @@ def test_sbatch_jobs_survive_what_clusters_do(slurm_cluster, tmp_path, token_dat
         ["--time=1", "--signal=B:USR1@30"],
         train_iters=LIMITED_ITERS,
         export=",MEGATRON_LET_MAX_STALLED_RUNS=12",
+        method="hldc",  # another objective through the same script: the teacher on both stages, W_R checkpointed
     )
     complete = Job(cluster, tmp_path, token_data, "complete", submit_with_cli=True)
     requeued = Job(cluster, tmp_path, token_data, "requeue")
@@ -186,7 +199,7 @@ def test_sbatch_jobs_survive_what_clusters_do(slurm_cluster, tmp_path, token_dat
         states = summary[name]["states"]
         between = {"PENDING", "TIMEOUT"} if name == "time_limit" else {"PENDING"}
         assert summary[name]["restarts"] >= 1 and set(states[:-1]) <= between and states[-1] == "COMPLETED", name
-    assert "SIGUSR1 received by the batch script" in limited.log
+    assert "SIGUSR1 received by the batch script" in limited.log and "hldc: (1 − 0.5)·NLL" in limited.log
     for job in (requeued, signalled):
         assert_same_curve(job, complete)
     assert [r["iteration"] for r in records(limited.ckpt)] == list(range(1, LIMITED_ITERS + 1))  # each once
