@@ -55,10 +55,11 @@ _INDEX_HEADER_BYTES = 34  # magic 9 + version 8 + dtype code 1 + sequence count 
 _SCAN_LIMIT_BYTES = 1 << 30  # .bin files up to this size have every token checked at start-up
 
 
-def check_indexed_dataset(prefix: str, key: str, vocab_size: int) -> None:
+def check_indexed_dataset(prefix: str, key: str, vocab_size: int) -> int:
     """Open-time checks of one megatron indexed dataset, each error naming the file: the index is
     complete, the .bin holds every sequence the index points to, and (for .bin files up to 1 GiB;
-    larger ones are checked batch by batch) every token id is below ``vocab_size``."""
+    larger ones are checked batch by batch) every token id is below ``vocab_size``. Returns its
+    number of documents."""
     idx, bin_ = Path(prefix + ".idx"), Path(prefix + ".bin")
     for path in (bin_, idx):
         if not path.exists():
@@ -98,32 +99,28 @@ def check_indexed_dataset(prefix: str, key: str, vocab_size: int) -> None:
                 f"{key}: {bin_} holds token id {largest}, but model.vocab_size is {vocab_size} "
                 "(was it tokenized with another tokenizer?)"
             )
+    return documents - 1  # the document index holds documents + 1 offsets
 
 
-def _check_prefixes(paths: list[str], key: str, vocab_size: int) -> None:
+def _check_prefixes(paths: list[str], key: str, vocab_size: int) -> dict[str, int]:
+    """check_indexed_dataset on each prefix of a blend; their document counts."""
+    documents = {}
     for item in paths:
         try:
             float(item)
             continue  # a blend weight
         except ValueError:
             pass
-        check_indexed_dataset(item, key, vocab_size)
+        documents[item] = check_indexed_dataset(item, key, vocab_size)
+    return documents
 
 
-def _document_count(prefix: str) -> int:
-    """Documents in a megatron indexed dataset (its index header; checked by check_indexed_dataset)."""
-    with open(prefix + ".idx", "rb") as stream:
-        header = stream.read(_INDEX_HEADER_BYTES)
-    return struct.unpack("<QBQQ", header[9:])[3] - 1  # the document index holds documents + 1 offsets
-
-
-def _check_split_has_documents(split: str, prefixes: list[str]) -> None:
+def _check_split_has_documents(split: str, documents_of: dict[str, int]) -> None:
     """Every split with a share gets at least one document of each dataset: megatron splits each
     dataset's documents by ``split`` and builds every split with a share, and a GPTDataset with no
     document counts epochs forever (even when no sample is drawn from it)."""
     ratios = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
-    for prefix in prefixes:
-        documents = _document_count(prefix)
+    for prefix, documents in documents_of.items():
         for name, bounds in zip(("train", "valid", "test"), ratios):
             if bounds is not None and round(bounds[0] * documents) == round(bounds[1] * documents):
                 raise DataError(
@@ -141,16 +138,16 @@ def build_datasets(cfg: LETConfig, num_samples: tuple[int, int, int]):
     blend, blend_per_split = None, None
     split: Optional[str] = data.split
     if not data.mock_data:
+        documents = {}
         for key, paths in zip(
             ("data_path", "train_data_path", "valid_data_path", "test_data_path"), [data.data_path] + per_split
         ):
-            _check_prefixes(paths, f"data.{key}", cfg.model.vocab_size)
+            documents[key] = _check_prefixes(paths, f"data.{key}", cfg.model.vocab_size)
         if any(per_split):
             blend_per_split, split = [get_blend_from_list(p) if p else None for p in per_split], None
         else:
             blend = get_blend_from_list(data.data_path)
-            if blend is not None:
-                _check_split_has_documents(data.split, list(blend[0]))
+            _check_split_has_documents(data.split, documents["data_path"])
     config = GPTDatasetConfig(
         random_seed=cfg.training.seed,
         sequence_length=cfg.training.seq_length,
