@@ -429,7 +429,7 @@ def _absent_keys(directory: Path, model_chunks: list, prefixes: tuple[str, ...])
     """The model keys starting with ``prefixes`` that this rank asks for and the checkpoint lacks."""
     saved = _readable(directory, lambda: dist_checkpointing.load_tensors_metadata(str(directory)))
     wanted = [
-        f"{key}"
+        key
         for chunk in model_chunks
         for key, item in unwrap(chunk).sharded_state_dict().items()
         if key.startswith(prefixes) and getattr(item, "key", key) not in saved

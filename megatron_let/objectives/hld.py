@@ -57,13 +57,11 @@ def add_regressor(cfg: LETConfig, chunk: torch.nn.Module) -> None:
                 setattr(param, FROZEN_IN_PHASE1, True)
     if find_layer([chunk], student_layer) is None:
         return
-    d_student, d_teacher = cfg.model.hidden_size, teacher_model(cfg.teacher).hidden_size  # type: ignore[arg-type]
-    kind = cfg.hld.regressor or ("mlp" if cfg.objective == "hldf" else "linear")
+    d_student, width, d_teacher = regressor_widths(cfg)
     with initialization.build_scope(cfg.training.seed), initialization.seeded(REGRESSOR):
-        if kind == "linear":
+        if width is None:
             regressor: torch.nn.Module = torch.nn.Linear(d_student, d_teacher, bias=False)
         else:
-            width = cfg.hld.mlp_expansion * d_student
             regressor = torch.nn.Sequential(
                 torch.nn.Linear(d_student, width), torch.nn.GELU(), torch.nn.Linear(width, d_teacher)
             )
@@ -72,12 +70,19 @@ def add_regressor(cfg: LETConfig, chunk: torch.nn.Module) -> None:
     setattr(chunk, REGRESSOR, regressor)
 
 
+def regressor_widths(cfg: LETConfig) -> tuple[int, Optional[int], int]:
+    """(d_S, the MLP's hidden width or None for the linear W_R, d_T): hld.regressor, else linear
+    for hldc and FitNets' MLP for hldf."""
+    d_student, d_teacher = cfg.model.hidden_size, teacher_model(cfg.teacher).hidden_size  # type: ignore[arg-type]
+    kind = cfg.hld.regressor or ("mlp" if cfg.objective == "hldf" else "linear")
+    return d_student, (cfg.hld.mlp_expansion * d_student if kind == "mlp" else None), d_teacher
+
+
 def regressor_parameters(cfg: LETConfig) -> int:
     """N_reg: the regressor's parameter count."""
-    d_student, d_teacher = cfg.model.hidden_size, teacher_model(cfg.teacher).hidden_size  # type: ignore[arg-type]
-    if (cfg.hld.regressor or ("mlp" if cfg.objective == "hldf" else "linear")) == "linear":
+    d_student, width, d_teacher = regressor_widths(cfg)
+    if width is None:
         return d_student * d_teacher
-    width = cfg.hld.mlp_expansion * d_student
     return d_student * width + width + width * d_teacher + d_teacher
 
 
@@ -148,10 +153,6 @@ class HLDCObjective(KDObjective):
         logits, self._logits_ahead = self._logits_ahead, None
         return logits if logits is not None else super()._teacher_logits(batch)
 
-    def _hint_counts_tokens(self) -> bool:
-        """Whether the hint layer's stage reports the token count (when no KL is measured)."""
-        return False
-
     def take_metric_sums(self) -> Optional[torch.Tensor]:
         """(Σ KL, Σ hint loss, tokens): the KL and the token count from the last stage's TP rank 0,
         the hint sums from the hint layer's stage (every TP rank's own tokens under sequence
@@ -172,7 +173,7 @@ class HLDCObjective(KDObjective):
             sums[1] = float("nan")
         if hint is not None:
             sums[1] = hint[0]
-            if self._hint_counts_tokens():
+            if not self._logit_term():  # no KL counts the tokens: the hint stage does
                 sums[2] = hint[2]
         return sums
 
@@ -258,19 +259,17 @@ class HLDFObjective(HLDCObjective):
             return super().forward(model_chunk, batch, weight, evaluating)
         self.before_forward(model_chunk, batch, weight, evaluating)  # arms the hint hook
         hidden = first_layers_forward(model_chunk, batch, self.student_layer)
+        last_stage = get_attr_wrapped_model(model_chunk, "post_process")
         frozen = self._frozen.get(id(model_chunk))
         if frozen:  # a zero that reaches them: their gradient is 0, and present
             hidden = hidden + 0.0 * torch.stack([p.sum() for p in frozen]).sum().to(hidden.dtype)
-        elif not get_attr_wrapped_model(model_chunk, "post_process"):
+        elif not last_stage:
             hidden = hidden.clone()  # a stage output of its own (megatron frees it after sending)
-        if not get_attr_wrapped_model(model_chunk, "post_process"):
+        if not last_stage:
             return hidden, None
         # The last stage's "loss": zero, tied to the graph so the backward reaches the hint layer.
         zero = torch.zeros(batch["tokens"].shape, device=hidden.device) + 0.0 * hidden.float().sum()
         return zero, NOT_COMPUTED
-
-    def _hint_counts_tokens(self) -> bool:
-        return self.phase == 1
 
     def _logit_term(self) -> bool:
         return self.phase == 2
@@ -279,12 +278,10 @@ class HLDFObjective(HLDCObjective):
         return self.phase == 2
 
     def describe(self) -> str:
-        teacher = teacher_model(self.teacher_cfg)
         d = self.distill
         return (
             f"hldf: phase 1 (iterations 1–{self.boundary}): student layers 1–{self.student_layer} + MLP regressor "
-            f"({self.cfg.model.hidden_size}→{self.cfg.hld.mlp_expansion * self.cfg.model.hidden_size}→"
-            f"{teacher.hidden_size}) ← teacher layer {self.teacher_layer}, normalised MSE alone, later layers frozen "
+            f"({'→'.join(str(w) for w in regressor_widths(self.cfg) if w is not None)}) ← teacher layer {self.teacher_layer}, normalised MSE alone, later layers frozen "
             f"and not run; phase 2: (1 − {d.alpha})·NLL + {d.alpha}·τ²·KL, τ {d.temperature}, "
             f"{'whole vocabulary' if d.top_k is None else f'teacher top-{d.top_k} renormalised'}, lr warmed up again"
         )
