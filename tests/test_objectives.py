@@ -319,6 +319,9 @@ RESHARDED = {
     "kd": ({"distillation": {"alpha": 0.5, "top_k": 16}}, [PP2, DP2, TP2_SP]),
     "hldc": ({"distillation": {"top_k": 16}, "hld": {"gamma": 1.0}}, [TP2_SP, DP2, PP2]),
     "hldf": ({"distillation": {"top_k": 16}, "hld": {"phase1_iters": 2}}, [PP2, TP2_SP, DP2]),
+    # reverse KL over the whole vocabulary; SALT switches to NLL (teacher released) at the last resume
+    "rkd": ({"distillation": {"alpha": 0.4, "temperature": 1.5, "top_k": None, "reverse": True}}, [DP2, PP2, TP2_SP]),
+    "salt": ({"distillation": {"alpha": 0.5, "top_k": 8, "stop_step": 2}}, [TP2_SP, PP2, DP2]),
 }
 
 
@@ -328,8 +331,7 @@ def test_each_method_resumes_under_tp_pp_and_dp_identically(tmp_path, data, meth
     and resumed from the previous one's checkpoint: the model, the optimizer state and the
     objective's own parameters (hldc's W_R on the hint layer's stage, replicated over TP; hldf's
     MLP) reshard, and the losses equal a straight single-process run's. hldf crosses its phase
-    boundary at the last resume. (rkd is kd's code with another teacher; salt's switch and
-    resume: the test above.)"""
+    boundary and salt its switch to NLL at the last resume."""
     sections, layouts = RESHARDED[method]
     cfg = base_config(data, method=method, training={"train_iters": 3}, **sections)
     straight = write_config(tmp_path / "straight.yaml", {**cfg, "checkpoint": {"save": str(tmp_path / "straight")}})
