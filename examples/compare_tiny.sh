@@ -9,8 +9,10 @@
 # hld: the compute-matched paper's: NLL, KD, HLDC, HLDF (phase 1: the first half of the run).
 # Each method trains in DIR/<method>/ (resumable: a finished run is skipped), then a table of the
 # final LM loss and the FLOPs spent is printed. LET† (a teacher with another tokenizer) needs real
-# tokenizers and text: see tests/test_retokenize.py and the README. The FLOPs count HLDF's phase 1
-# at the full student's cost for now (its half-backbone accounting comes with the FLOPs issue).
+# tokenizers and text: see tests/test_retokenize.py and the README. FLOPs are counted per method and
+# phase (megatron_let.flops, the compute-matched paper's A.9 convention): HLDF's phase 1 costs half the
+# student, the regressor and the teacher up to its middle layer. For comparisons at equal compute
+# rather than equal steps, see `megatron-let study` and training.flops_budget.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 which="${1:-all}"; shift || true

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional, Union
 
 import yaml
 
@@ -168,7 +169,8 @@ class HiddenLayerDistillationConfig:
     # None: linear for hldc (W_R), mlp for hldf (one hidden layer, mlp_expansion × d_S wide, GELU)
     regressor: Optional[Literal["linear", "mlp"]] = None
     mlp_expansion: int = 4
-    phase1_iters: Optional[int] = None  # hldf: the hint phase's length (P1 of the run, in iterations)
+    phase1_iters: Optional[int] = None  # hldf: the hint phase's length, in iterations (or:)
+    phase1_fraction: Optional[float] = None  # hldf: P1, the hint phase's share of the run's FLOPs
     phase1_warmup_iters: int = 1000  # hldf: phase 1's lr warm-up (capped at phase1_iters)
 
 
@@ -203,7 +205,14 @@ class TrainingConfig:
     micro_batch_size: int = 2
     global_batch_size: int = 8
     seq_length: int = 128
-    train_iters: int = 100
+    train_iters: int = 100  # with flops_budget: derived from it (give one, or null this one)
+    # Train until this many FLOPs (counted in flops_convention for the run's method and phases):
+    # a number, or "OT_k" — k × the student's Chinchilla-optimal NLL compute (the compute-matched
+    # paper's overtraining unit: chinchilla_tokens_per_parameter × N backbone parameters × C_data).
+    # Converted to train_iters per method at start-up, so a cheaper method (HLDF's phase 1) buys more steps.
+    flops_budget: Optional[Union[float, str]] = None
+    flops_convention: Literal["paper", "megatron"] = "paper"  # megatron_let.flops: A.9's 6N + 6dV, or Megatron-LM's
+    chinchilla_tokens_per_parameter: float = 20.0
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     seed: int = 1234
     exit_signal_handler: bool = True  # on one of exit_signals: save after the current step and exit 0
@@ -357,7 +366,12 @@ def _coerce(value: Any, annotation: Any, key: str, where: Callable[[str], str]) 
         options = [a for a in typing.get_args(annotation) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(value, options[0], key, where)
+        for option in options[:-1]:  # the first type that takes it (a number, else a string)
+            try:
+                return _coerce(value, option, key, where)
+            except ConfigError:
+                pass
+        return _coerce(value, options[-1], key, where)
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise ConfigError(f"{where(key)}: {key}: expected a mapping, got {value!r}")
@@ -452,10 +466,30 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         lines[key] = 0
     where = _Where(source, lines)
     where_set = lambda key: "--set" if lines.get(key) == 0 else where(key)  # noqa: E731
+    for given, derived in EXCLUSIVE_KEYS:
+        if _raw_value(raw, given) is not None and _raw_value(raw, derived) is not None:
+            raise ConfigError(f"{where_set(given)}: {given}: give it or {derived} ({where_set(derived)}), not both")
+    training = raw.get("training")
+    if isinstance(training, dict) and "train_iters" in training and training["train_iters"] is None:
+        # `--set training.train_iters=null` clears a config file's count for a FLOPs budget.
+        if training.get("flops_budget") is None:
+            raise ConfigError(
+                f"{where_set('training.train_iters')}: training.train_iters: null needs training.flops_budget"
+            )
+        del training["train_iters"]
     cfg = _build(LETConfig, raw, "", where_set)
     cfg.where = where_set  # not a field: where each key came from, for later errors
     validate(cfg, where_set)
     return cfg
+
+
+def _raw_value(raw: dict, dotted: str) -> Any:
+    node: Any = raw
+    for part in dotted.split("."):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
 
 
 def model_config_from_dict(raw: dict, prefix: str, where=lambda key: "config") -> ModelConfig:
@@ -476,6 +510,25 @@ def check_same_architecture(model: ModelConfig, saved: dict, source: str, where,
 
 # Fields that do not change what the weights compute (everything else must agree).
 NON_ARCHITECTURE_KEYS = {"init_method_std", "hidden_dropout", "attention_dropout", "max_position_embeddings"}
+
+
+def budget_overtraining_units(budget: Union[float, str], bad: Callable[[str], Any]) -> Optional[float]:
+    """training.flops_budget read: k for "OT_k", None for a FLOPs count; ``bad`` on anything else."""
+    if isinstance(budget, str):
+        match = re.fullmatch(r"\s*OT_(\d+(?:\.\d*)?|\.\d+)\s*", budget)
+        if match is None or float(match.group(1)) <= 0:
+            bad(f"{budget!r}: give a number of FLOPs (e.g. 1.5e+18) or OT_k with k > 0 (e.g. OT_1, OT_0.5)")
+        return float(match.group(1))  # type: ignore[union-attr]
+    if not budget > 0:
+        bad(f"must be > 0, got {budget}")
+    return None
+
+
+# Pairs of keys a config gives one of: (the given one, the one derived from it), after _build.
+EXCLUSIVE_KEYS = (
+    ("training.flops_budget", "training.train_iters"),
+    ("hld.phase1_fraction", "hld.phase1_iters"),
+)
 
 
 def validate(cfg: LETConfig, where=lambda key: "config") -> None:
@@ -508,6 +561,10 @@ def validate(cfg: LETConfig, where=lambda key: "config") -> None:
             bad(count_key, f"must be >= 1, got {count}")
     if cfg.training.train_iters < 0:
         bad("training.train_iters", "must be >= 0")
+    if cfg.training.flops_budget is not None:
+        budget_overtraining_units(cfg.training.flops_budget, lambda message: bad("training.flops_budget", message))
+    if cfg.training.chinchilla_tokens_per_parameter <= 0:
+        bad("training.chinchilla_tokens_per_parameter", "must be > 0")
     if cfg.data.num_workers is not None and cfg.data.num_workers < 0:
         bad("data.num_workers", f"must be >= 0, got {cfg.data.num_workers}")
     if cfg.parallel.distributed_timeout_minutes < 1:
@@ -579,10 +636,19 @@ def validate(cfg: LETConfig, where=lambda key: "config") -> None:
     if hld.gamma < 0:
         bad("hld.gamma", f"must be >= 0, got {hld.gamma}")
     if cfg.objective == "hldf":
-        if hld.phase1_iters is None or hld.phase1_iters < 1:
-            bad("hld.phase1_iters", f"method hldf needs it (>= 1: phase 1's iterations), got {hld.phase1_iters}")
+        if hld.phase1_fraction is None and (hld.phase1_iters is None or hld.phase1_iters < 1):
+            bad(
+                "hld.phase1_iters",
+                "method hldf needs phase 1's length: hld.phase1_iters (>= 1) or hld.phase1_fraction (P1), "
+                f"got {hld.phase1_iters}",
+            )
         if distill.stop_step is not None:
             bad("distillation.stop_step", "method hldf distils for the whole of phase 2: leave it unset")
+    if hld.phase1_fraction is not None and not 0 < hld.phase1_fraction < 1:
+        bad(
+            "hld.phase1_fraction",
+            f"P1 is a share of the run's FLOPs: between 0 and 1 (exclusive), got {hld.phase1_fraction}",
+        )
     if hld.phase1_warmup_iters < 0:
         bad("hld.phase1_warmup_iters", f"must be >= 0, got {hld.phase1_warmup_iters}")
     if hld.mlp_expansion < 1:

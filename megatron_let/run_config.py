@@ -20,12 +20,16 @@ from megatron_let.config import (
 
 
 def load_run_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> LETConfig:
-    """``load_config`` + the teacher's architecture resolved (see :func:`resolve_teacher_model`)."""
+    """``load_config`` + the teacher's architecture resolved (see :func:`resolve_teacher_model`),
+    and a FLOPs budget turned into iterations (training.budget.resolve_budget)."""
+    from megatron_let.training.budget import resolve_budget
+
     cfg = load_config(path, overrides)
     if cfg.teacher is not None:
         where = getattr(cfg, "where", lambda key: "config")
         resolve_teacher_model(cfg.teacher, where)
         validate(cfg, where)
+    resolve_budget(cfg)
     return cfg
 
 

@@ -190,6 +190,35 @@ def case_a_split_that_gets_no_document(tmp_path, token_data, saved_run):
     )
 
 
+def case_a_flops_budget_in_no_unit(tmp_path, token_data, saved_run):
+    return (
+        tiny_config(token_data),
+        ["training.train_iters=null", "training.flops_budget=OT2"],
+        "training.flops_budget: 'OT2': give a number of FLOPs (e.g. 1.5e+18) or OT_k with k > 0",
+    )
+
+
+def case_a_flops_budget_and_train_iters(tmp_path, token_data, saved_run):
+    return (
+        tiny_config(token_data),  # its train_iters: 4
+        ["training.flops_budget=1e9"],
+        "training.flops_budget: give it or training.train_iters",
+    )
+
+
+def case_a_flops_budget_too_small_for_a_step(tmp_path, token_data, saved_run):
+    return (
+        tiny_config(token_data),
+        ["training.train_iters=null", "training.flops_budget=1000"],
+        "training.flops_budget: 1000 FLOPs buys no step of method let",
+    )
+
+
+def case_a_phase1_fraction_of_everything(tmp_path, token_data, saved_run):
+    cfg = tiny_config(token_data, method="hldf", hld={"phase1_fraction": 1.0})
+    return cfg, [], "hld.phase1_fraction: P1 is a share of the run's FLOPs: between 0 and 1 (exclusive), got 1.0"
+
+
 def case_unknown_alignment_loss(tmp_path, token_data, saved_run):
     return (
         tiny_config(token_data),

@@ -17,9 +17,18 @@ from __future__ import annotations
 from typing import Optional
 
 from megatron_let.config import DISTILLATION_METHODS, HIDDEN_LAYER_METHODS, LETConfig
-from megatron_let.objectives.base import Objective, PhasedSchedule
+from megatron_let.flops import Convention, CostSchedule
+from megatron_let.objectives.base import Objective, PhasedSchedule, nll_cost_schedule
 
-__all__ = ["Objective", "add_trainable_modules", "build_objective", "phased_schedule", "trainable_module_keys"]
+__all__ = [
+    "Objective",
+    "add_trainable_modules",
+    "build_objective",
+    "cost_schedule",
+    "phased_schedule",
+    "set_budget_phases",
+    "trainable_module_keys",
+]
 
 
 def add_trainable_modules(cfg: LETConfig, chunk) -> None:
@@ -69,3 +78,34 @@ def build_objective(cfg: LETConfig, model: list, *, iteration: int, **build) -> 
 
         return KDObjective(cfg, model, iteration=iteration, **build)
     return Objective()
+
+
+def cost_schedule(cfg: LETConfig, convention: Convention) -> CostSchedule:
+    """The method's training FLOPs per token, step by step (its phases: LET's teacher until
+    S_stop, SALT's switch, HLDF's hint phase), in ``convention`` (megatron_let.flops)."""
+    if cfg.alignment_active:
+        from megatron_let.objectives.let import let_cost_schedule
+
+        return let_cost_schedule(cfg, convention)
+    if cfg.objective == "hldf":
+        from megatron_let.objectives.hld import hldf_cost_schedule
+
+        return hldf_cost_schedule(cfg, convention)
+    if cfg.objective in HIDDEN_LAYER_METHODS:
+        from megatron_let.objectives.hld import hldc_cost_schedule
+
+        return hldc_cost_schedule(cfg, convention)
+    if cfg.objective in DISTILLATION_METHODS:
+        from megatron_let.objectives.kd import kd_cost_schedule
+
+        return kd_cost_schedule(cfg, convention)
+    return nll_cost_schedule(cfg, convention)
+
+
+def set_budget_phases(cfg: LETConfig, convention: Convention, budget: Optional[float]) -> None:
+    """Set the iteration counts a method derives from the run's size (``budget`` FLOPs, or
+    training.train_iters when None): hldf's phase 1 from hld.phase1_fraction."""
+    if cfg.objective == "hldf" and cfg.hld.phase1_fraction is not None:
+        from megatron_let.objectives.hld import hldf_phase1_iters
+
+        cfg.hld.phase1_iters = hldf_phase1_iters(cfg, convention, budget)

@@ -7,7 +7,8 @@ from typing import Optional
 
 import torch
 
-from megatron_let.flops import FlopsCounter
+from megatron_let.config import LETConfig
+from megatron_let.flops import Convention, CostSchedule, TokenCost, student_flops_per_token
 
 # What an objective's forward returns as the LM loss to report when it computed none (HLDF's
 # phase 1 stops before the output layer): the step's lm loss is then not measured.
@@ -61,13 +62,29 @@ class Objective:
         """This rank's sums for ``metric_keys`` (+ the token count) over the step just run, on the device."""
         return None
 
-    def add_flops(self, counter: FlopsCounter, iteration: int, seq_length: int) -> None:
-        """Add this objective's per-token cost to ``counter`` and what it spent in the first
-        ``iteration`` steps (a resumed run) to its total."""
-
     def describe(self) -> Optional[str]:
         """One line for the run's start-up log, or None."""
         return None
 
     def close(self) -> None:
         """Free what the objective holds (the run is over)."""
+
+
+def data_cost(cfg: LETConfig, convention: Convention) -> float:
+    """C_data: training the whole student on the data (NLL), per token."""
+    return student_flops_per_token(
+        cfg.model, cfg.training.seq_length, convention, tensor_parallel=cfg.parallel.tensor_model_parallel_size
+    )
+
+
+def nll_cost_schedule(cfg: LETConfig, convention: Convention) -> CostSchedule:
+    return CostSchedule.constant(TokenCost(data_cost(cfg, convention)))
+
+
+def until(stop_step, during: TokenCost, after: TokenCost) -> CostSchedule:
+    """``during`` for the steps before ``stop_step`` (None: the whole run), then ``after``."""
+    if stop_step is None:
+        return CostSchedule.constant(during)
+    if stop_step <= 0:
+        return CostSchedule.constant(after)
+    return CostSchedule(((0, during), (stop_step, after)))

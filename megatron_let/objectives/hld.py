@@ -27,12 +27,19 @@ from megatron.core import parallel_state
 from megatron.core.utils import get_attr_wrapped_model
 
 from megatron_let.config import LETConfig, resolve_hint_layers
-from megatron_let.flops import teacher_flops_per_token
+from megatron_let.flops import (
+    Convention,
+    CostSchedule,
+    TokenCost,
+    regressor_flops_per_token,
+    student_flops_per_token,
+    teacher_flops_per_token,
+)
 from megatron_let.model import initialization
 from megatron_let.model.gpt import unwrap
-from megatron_let.objectives.base import NOT_COMPUTED, PhasedSchedule
+from megatron_let.objectives.base import NOT_COMPUTED, PhasedSchedule, data_cost, until
 from megatron_let.objectives.hook import AlignmentHook, find_layer, layer_owner, main_loss_scale
-from megatron_let.objectives.kd import KDObjective
+from megatron_let.objectives.kd import KDObjective, logit_teacher_cost
 from megatron_let.objectives.teacher import teacher_model
 
 REGRESSOR = "hint_regressor"  # the attribute (and checkpoint key prefix) on the owning chunk
@@ -183,16 +190,6 @@ class HLDCObjective(KDObjective):
         self.hook = self.hook_chunk = None
         super().close()
 
-    def _teacher_flops_per_token(self, seq_length: int) -> float:
-        """KD's (the teacher's whole forward) plus training W_R, 6·d_S·d_T per token (the paper's
-        6·N_reg), while the teacher runs. The teacher's partial second forward on the hint stage
-        under pipeline parallelism is an implementation cost, not counted."""
-        teacher = teacher_model(self.teacher_cfg)
-        logits = super()._teacher_flops_per_token(seq_length)
-        if self.distill.teacher_cache:  # the logits are cached: the teacher runs to its hint layer only
-            logits = teacher_flops_per_token(teacher, seq_length, self.teacher_layer)
-        return logits + 6 * regressor_parameters(self.cfg)
-
     def describe(self) -> str:
         teacher = teacher_model(self.teacher_cfg)
         return (
@@ -285,3 +282,72 @@ class HLDFObjective(HLDCObjective):
             f"and not run; phase 2: (1 − {d.alpha})·NLL + {d.alpha}·τ²·KL, τ {d.temperature}, "
             f"{'whole vocabulary' if d.top_k is None else f'teacher top-{d.top_k} renormalised'}, lr warmed up again"
         )
+
+
+# ------------------------------------------------------------------------------------ FLOPs
+
+
+def _hint_teacher_cost(cfg: LETConfig, convention: Convention, teacher_layer: int) -> float:
+    assert cfg.teacher is not None
+    return teacher_flops_per_token(
+        teacher_model(cfg.teacher),
+        cfg.training.seq_length,
+        convention,
+        layers=teacher_layer,
+        tensor_parallel=cfg.parallel.tensor_model_parallel_size,
+    )
+
+
+def hldc_cost_schedule(cfg: LETConfig, convention: Convention) -> CostSchedule:
+    """C_HLDC = C_KD + 6·N_reg (the paper's A.9) while the teacher runs. With the logits cached
+    the teacher still runs to its hint layer (C_Teacher·D/2 of its layers). Under pipeline
+    parallelism the hint stage runs the teacher's first layers a second time when the hint and
+    the last stage differ: an implementation cost of the layout, not counted (as activation
+    recompute is not)."""
+    _, teacher_layer = resolve_hint_layers(cfg)
+    teacher = logit_teacher_cost(cfg, convention)
+    if cfg.distillation.teacher_cache:
+        teacher = _hint_teacher_cost(cfg, convention, teacher_layer)
+    regressor = regressor_flops_per_token(regressor_parameters(cfg))
+    data = data_cost(cfg, convention)
+    return until(cfg.distillation.stop_step, TokenCost(data, teacher, regressor), TokenCost(data))
+
+
+def hldf_phase_costs(cfg: LETConfig, convention: Convention) -> tuple[TokenCost, TokenCost]:
+    """(phase 1, phase 2) per token. Phase 1 is the paper's C_HT = 3N + 6·N_reg + C_Teacher/2:
+    training the student's layers up to the hint layer (no output layer: 6N·m/L), the MLP
+    regressor, the teacher's forward to its hint layer. Phase 2 is C_KD."""
+    student_layer, teacher_layer = resolve_hint_layers(cfg)
+    hint = TokenCost(
+        student_flops_per_token(
+            cfg.model,
+            cfg.training.seq_length,
+            convention,
+            layers=student_layer,
+            logits=False,
+            tensor_parallel=cfg.parallel.tensor_model_parallel_size,
+        ),
+        _hint_teacher_cost(cfg, convention, teacher_layer),
+        regressor_flops_per_token(regressor_parameters(cfg)),
+    )
+    return hint, TokenCost(data_cost(cfg, convention), logit_teacher_cost(cfg, convention))
+
+
+def hldf_cost_schedule(cfg: LETConfig, convention: Convention) -> CostSchedule:
+    assert cfg.hld.phase1_iters is not None, "hld.phase1_iters is resolved (from phase1_fraction) first"
+    hint, kd = hldf_phase_costs(cfg, convention)
+    return CostSchedule(((0, hint), (cfg.hld.phase1_iters, kd)))
+
+
+def hldf_phase1_iters(cfg: LETConfig, convention: Convention, budget: Optional[float]) -> int:
+    """Phase 1's length from P1 = hld.phase1_fraction, the share of the run's FLOPs it gets (the
+    paper's split): P1·budget / (its cost per step), or — with the run given in iterations T —
+    the p solving p·c1 = P1·(p·c1 + (T − p)·c2)."""
+    fraction = cfg.hld.phase1_fraction
+    assert fraction is not None
+    hint, kd = hldf_phase_costs(cfg, convention)
+    tokens = cfg.training.global_batch_size * cfg.training.seq_length
+    if budget is not None:
+        return int(fraction * budget // (tokens * hint.total))
+    iters = cfg.training.train_iters
+    return round(fraction * iters * kd.total / ((1 - fraction) * hint.total + fraction * kd.total))

@@ -22,9 +22,9 @@ from megatron.core.utils import get_attr_wrapped_model
 from megatron_let.config import LETConfig, TeacherConfig
 from megatron_let.data.teacher_cache import TeacherCache
 from megatron_let.distillation import gather_columns, kl_divergence, top_k_target
-from megatron_let.flops import FlopsCounter, megatron_lm_flops_per_token, teacher_flops_per_token
+from megatron_let.flops import Convention, CostSchedule, TokenCost, teacher_flops_per_token
 from megatron_let.model.gpt import Kernels
-from megatron_let.objectives.base import Objective
+from megatron_let.objectives.base import Objective, data_cost, until
 from megatron_let.objectives.teacher import Teacher, load_teacher_weights, teacher_model
 
 
@@ -183,24 +183,6 @@ class KDObjective(Objective):
     def close(self) -> None:
         self._drop_teacher()
 
-    # ----------------------------------------------------------------------------- accounting
-
-    def add_flops(self, counter: FlopsCounter, iteration: int, seq_length: int) -> None:
-        """The teacher's whole forward, its output layer included, per token while it runs."""
-        teacher = teacher_model(self.teacher_cfg)
-        counter.teacher_per_token = self._teacher_flops_per_token(seq_length)
-        counter.teacher_throughput_per_token = megatron_lm_flops_per_token(teacher, seq_length, forward_only=True)
-        tokens = self.cfg.training.global_batch_size * seq_length
-        steps = iteration if self.distill.stop_step is None else min(iteration, self.distill.stop_step)
-        counter.total += tokens * steps * counter.teacher_per_token
-
-    def _teacher_flops_per_token(self, seq_length: int) -> float:
-        """The teacher's whole forward; nothing when its logits are read from a cache (the
-        compute-matched paper's C_Teacher ≈ 0: the cache was paid for once, off this run)."""
-        if self.distill.teacher_cache:
-            return 0.0
-        return teacher_flops_per_token(teacher_model(self.teacher_cfg), seq_length, head=True)
-
     def describe(self) -> str:
         teacher = teacher_model(self.teacher_cfg)
         d = self.distill
@@ -211,3 +193,26 @@ class KDObjective(Objective):
             f"{self.name}: (1 − {d.alpha})·NLL + {d.alpha}·τ²·{kl}, τ {d.temperature}, {support}{until}; teacher "
             f"{teacher.num_layers} layers × {teacher.hidden_size} on the last pipeline stage"
         )
+
+
+def logit_teacher_cost(cfg: LETConfig, convention: Convention) -> float:
+    """The teacher's whole forward with its output layer, per token; nothing when its logits are
+    read from a cache (the compute-matched paper's C_Teacher ≈ 0: the cache was paid for once,
+    off this run). The KL over the vocabulary (or top-k) is O(V) per token: not counted, as the
+    paper does not (C_KD/C_data ≈ 1.0000)."""
+    if cfg.distillation.teacher_cache:
+        return 0.0
+    assert cfg.teacher is not None
+    return teacher_flops_per_token(
+        teacher_model(cfg.teacher),
+        cfg.training.seq_length,
+        convention,
+        head=True,
+        tensor_parallel=cfg.parallel.tensor_model_parallel_size,
+    )
+
+
+def kd_cost_schedule(cfg: LETConfig, convention: Convention) -> CostSchedule:
+    """C_KD = C_data + C_Teacher while the teacher runs (salt: until distillation.stop_step), then C_data."""
+    data = data_cost(cfg, convention)
+    return until(cfg.distillation.stop_step, TokenCost(data, logit_teacher_cost(cfg, convention)), TokenCost(data))

@@ -17,9 +17,9 @@ from megatron_let.alignment import alignment_weight
 from megatron_let.config import ConfigError, LETConfig, TeacherConfig, TokenizerConfig, resolve_layers
 from megatron_let.data.preprocess import PreprocessError, build_tokenizer
 from megatron_let.data.retokenize import Retokenizer
-from megatron_let.flops import FlopsCounter, megatron_lm_flops_per_token, teacher_flops_per_token
+from megatron_let.flops import Convention, CostSchedule, TokenCost, teacher_flops_per_token
 from megatron_let.model.gpt import Kernels
-from megatron_let.objectives.base import Objective
+from megatron_let.objectives.base import Objective, data_cost, until
 from megatron_let.objectives.hook import AlignmentHook, find_layer, layer_owner, main_loss_scale
 from megatron_let.objectives.teacher import Teacher, load_teacher_weights, teacher_model
 
@@ -161,18 +161,6 @@ class LETObjective(Objective):
             self.teacher.release()
         self.hook = self.teacher = self.hook_chunk = None
 
-    # ----------------------------------------------------------------------------- accounting
-
-    def add_flops(self, counter: FlopsCounter, iteration: int, seq_length: int) -> None:
-        """The teacher's forward (up to the aligned layer) per token, until S_stop."""
-        teacher = teacher_model(self.teacher_cfg)
-        counter.teacher_per_token = teacher_flops_per_token(teacher, seq_length, self.teacher_layer)
-        counter.teacher_throughput_per_token = megatron_lm_flops_per_token(
-            teacher, seq_length, forward_only=True, layers=self.teacher_layer, logits=False
-        )
-        tokens = self.cfg.training.global_batch_size * seq_length
-        counter.total += tokens * min(iteration, self.align.stop_step) * counter.teacher_per_token
-
     def describe(self) -> str:
         owner = self.owner_stage
         where = (
@@ -192,3 +180,20 @@ class LETObjective(Objective):
             f"({teacher.num_layers} layers × {teacher.hidden_size}), "
             f"{self.align.loss} loss, λ0 {self.align.lambda0} → 0 at step {self.align.stop_step}"
         )
+
+
+def let_cost_schedule(cfg: LETConfig, convention: Convention) -> CostSchedule:
+    """C_data + the teacher's forward up to the aligned layer (its final hidden state by default,
+    no output layer) until S_stop, then C_data. The alignment term (interpolation, cosine) is
+    O(d) per token: not counted."""
+    _, teacher_layer = resolve_layers(cfg)
+    assert cfg.teacher is not None
+    teacher = teacher_flops_per_token(
+        teacher_model(cfg.teacher),
+        cfg.training.seq_length,
+        convention,
+        layers=teacher_layer,
+        tensor_parallel=cfg.parallel.tensor_model_parallel_size,
+    )
+    data = data_cost(cfg, convention)
+    return until(cfg.alignment.stop_step, TokenCost(data, teacher), TokenCost(data))

@@ -21,12 +21,19 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_let.config import LETConfig
 from megatron_let.data.datasets import build_datasets, close_iterators, make_iterator
-from megatron_let.flops import FlopsCounter, megatron_lm_flops_per_token, training_flops_per_token
+from megatron_let.flops import FlopsCounter
 from megatron_let.model.gpt import resolve_precision, select_kernels, use_transformer_engine
-from megatron_let.objectives import add_trainable_modules, build_objective, phased_schedule, trainable_module_keys
+from megatron_let.objectives import (
+    add_trainable_modules,
+    build_objective,
+    cost_schedule,
+    phased_schedule,
+    trainable_module_keys,
+)
 from megatron_let.objectives.base import NOT_COMPUTED
 from megatron_let.platform import cpu, signals
 from megatron_let.platform import distributed as parallel
+from megatron_let.training.budget import resolve_budget
 from megatron_let.training.checkpointer import Checkpointer, lock_checkpoint_directory
 from megatron_let.training.evaluator import Evaluator
 from megatron_let.training.metrics import StepMetrics
@@ -47,6 +54,8 @@ class Trainer:
             raise
 
     def _build(self, cfg: LETConfig) -> None:
+        # The run's length: training.flops_budget → train_iters for this method (and its phases).
+        self.budget_line = resolve_budget(cfg)
         # The device. CPU mode (megatron-core without CUDA) is one scoped switch, left in close().
         if self.on_cpu:
             self.held.enter_context(cpu.cpu_mode())
@@ -141,17 +150,14 @@ class Trainer:
         return train.global_batch_size // (train.micro_batch_size * self.dp_size)
 
     def _flops_counter(self) -> FlopsCounter:
-        """Compute spent so far (the target's training + the objective's), restored on resume."""
-        cfg, seq = self.cfg, self.cfg.training.seq_length
-        counter = FlopsCounter(
-            training_flops_per_token(cfg.model, seq),
-            target_throughput_per_token=megatron_lm_flops_per_token(
-                cfg.model, seq, cfg.parallel.tensor_model_parallel_size
-            ),
+        """The objective's FLOPs step by step (its phases), the total spent restored on resume."""
+        train = self.cfg.training
+        return FlopsCounter(
+            cost_schedule(self.cfg, train.flops_convention),
+            cost_schedule(self.cfg, "megatron"),
+            train.global_batch_size * train.seq_length,
+            self.iteration,
         )
-        counter.total = cfg.training.global_batch_size * seq * self.iteration * counter.target_per_token
-        self.objective.add_flops(counter, self.iteration, seq)
-        return counter
 
     def _dataset_sizes(self) -> tuple[int, int, int]:
         gbs, ev = self.cfg.training.global_batch_size, self.cfg.eval
@@ -226,10 +232,9 @@ class Trainer:
         success, grad_norm, _ = self.optimizer.step()
         if success:
             self.scheduler.step(increment=1)
+        throughput_flops = self.flops.step(self.iteration)
         self.iteration += 1
         self.consumed_samples += cfg.training.global_batch_size
-        tokens = cfg.training.global_batch_size * cfg.training.seq_length
-        self.flops.step(tokens, teacher_active=weight > 0)
         return {
             "iteration": self.iteration,
             "sums": self.metrics.local_sums(outputs, self.objective.take_metric_sums()),
@@ -237,7 +242,7 @@ class Trainer:
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "skipped": not success,
-            "throughput_flops": tokens * self.flops.throughput_per_token(teacher_active=weight > 0),
+            "throughput_flops": throughput_flops,
             "flops_total": self.flops.total,
             "consumed_samples": self.consumed_samples,
         }
@@ -339,6 +344,14 @@ class Trainer:
         described = self.objective.describe()
         if described:
             lines.append(described)
+        if self.budget_line:
+            lines.append(self.budget_line)
+        cost = self.flops.counted.at(self.iteration)
+        parts = [f"{name} {value:.4g}" for name, value in vars(cost).items() if value]
+        lines.append(
+            f"FLOPs per token ({cfg.training.flops_convention} convention, this phase): {cost.total:.4g} = "
+            + " + ".join(parts)
+        )
         for line in lines:
             self._print(line)
 
