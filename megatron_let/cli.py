@@ -15,6 +15,7 @@ COMMANDS = {
     "convert": ("megatron_let.convert", "Hugging Face ↔ megatron-let checkpoints (import / export)"),
     "eval": ("megatron_let.evaluation.downstream", "1-shot downstream evaluation (lm-evaluation-harness)"),
     "quickstart": ("megatron_let.apps.quickstart", "end-to-end LET vs baseline demo on a CPU"),
+    "study": ("megatron_let.apps.study", "compare training methods at equal compute: runs, tables, plots"),
     "benchmark": ("megatron_let.apps.benchmark", "baseline vs LET step time and memory (the paper's Table 4)"),
 }
 
