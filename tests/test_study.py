@@ -59,9 +59,7 @@ def test_the_grid_runs_and_the_report_follows_from_the_runs_metrics(study):
     work = tmp / "work"
     runs = sorted(p.name for p in (work / "runs").iterdir())
     # The grid keys each method reads: nll ignores distillation.alpha (one run per lr).
-    assert runs == sorted(
-        ["nll__lr_0.001", "nll__lr_0.003", "kd__lr_0.001__alpha_0.5", "kd__lr_0.003__alpha_0.5"]
-    )
+    assert runs == sorted(["nll__lr_0.001", "nll__lr_0.003", "kd__lr_0.001__alpha_0.5", "kd__lr_0.003__alpha_0.5"])
     for name in runs:
         cfg = yaml.safe_load((work / "configs" / f"{name}.yaml").read_text())
         assert cfg["optimizer"]["lr"] == (1e-3 if "lr_0.001" in name else 3e-3)
@@ -102,9 +100,7 @@ def test_a_rerun_skips_complete_runs_and_resumes_an_interrupted_one(study):
     (run / "DONE.json").unlink()
     shutil.rmtree(run / "iter_0000004")
     (run / "latest_checkpointed_iteration.txt").write_text("2\n")
-    kept = [
-        line for line in (run / "metrics.jsonl").read_text().splitlines() if json.loads(line)["iteration"] <= 2
-    ]
+    kept = [line for line in (run / "metrics.jsonl").read_text().splitlines() if json.loads(line)["iteration"] <= 2]
     kept = [line for line in kept if json.loads(line).get("split") != "test"]
     (run / "metrics.jsonl").write_text("\n".join(kept) + "\n")
     again = study_cli("--config", "study.yaml", cwd=tmp)
@@ -135,3 +131,30 @@ def test_a_changed_study_is_refused_and_bad_files_named(study):
     badkey = study_cli("--config", "badkey.yaml", cwd=tmp)
     assert badkey.returncode == 2 and "run kd__top_k_100000" in badkey.stderr and "distillation.top_k" in badkey.stderr
     assert "Traceback" not in changed.stderr + bad.stderr + badkey.stderr
+
+
+@pytest.mark.parametrize("example", ["study_let_tiny", "study_hld_tiny"])
+def test_the_shipped_studies_run_at_their_methods_and_grid_keys(example, tmp_path_factory):
+    """examples/study_*.yaml as shipped — their methods, grid keys, overrides, baseline and
+    reference — on the quickstart's smoke corpus and teacher (shared by both), 2 steps per run and
+    the first value of each grid key: every run trains and the report tabulates every method."""
+    shared = tmp_path_factory.getbasetemp() / "study_examples_quickstart"
+    tmp = tmp_path_factory.mktemp(example)
+    spec = yaml.safe_load((REPO / "examples" / f"{example}.yaml").read_text())
+    assert set(spec["quickstart"]) <= {"work_dir", "smoke", "max_docs"}
+    spec["quickstart"] = {"smoke": True, "max_docs": 400, "work_dir": str(shared)}
+    spec["budget"] = {"steps": 2}
+    spec["grid"] = {key: values[:1] for key, values in spec["grid"].items()}
+    if "hld.phase1_fraction" in spec["grid"]:  # P1 of a 2-step run: one phase-1 step
+        spec["grid"]["hld.phase1_fraction"] = [0.5]
+    spec["eval"] = {"interval": 1, "iters": 1}
+    spec["work_dir"] = str(tmp / "work")
+    write_config(tmp / "study.yaml", spec)
+    result = study_cli("--config", "study.yaml", cwd=tmp)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp / "work" / "report" / "summary.json").read_text())
+    methods = spec["methods"] if isinstance(spec["methods"], list) else list(spec["methods"])
+    assert sorted(summary["best"]) == sorted(methods)
+    for name in summary["runs"]:
+        cfg = yaml.safe_load((tmp / "work" / "configs" / f"{name}.yaml").read_text())
+        assert cfg["teacher"]["load"] == str(shared / "runs" / "teacher")

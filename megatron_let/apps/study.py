@@ -14,8 +14,10 @@ The study file (paths relative to it)::
     name: hld_tiny                    # the report's title
     work_dir: study_hld_tiny          # runs, configs and the report (relative to the current directory)
     config: my_run.yaml               # the run config every run starts from, or instead:
-    quickstart: {}                    #   the quickstart's corpus, tokenizer and NLL-pretrained teacher
-                                      #   (built once under <work_dir>/quickstart; keys: max_docs, smoke)
+    quickstart: {}                    #   the quickstart's corpus, tokenizer and NLL-pretrained teacher, built
+                                      #   once (or reused) in work_dir (default <work_dir>/quickstart; a
+                                      #   `megatron-let quickstart --work-dir` directory serves); keys:
+                                      #   work_dir, smoke, max_docs
     overrides: {training: {...}}      # sections merged into that config for every run
     budget: {ot: 0.5}                 # or {flops: 2.0e+13}, or {steps: 300}: every run's size
     methods:                          # name: its sections (method: … and anything else), or a list of method names
@@ -184,6 +186,9 @@ def load_study(path: Path) -> Study:
     quickstart = raw.get("quickstart")
     if quickstart is not None and not isinstance(quickstart, dict):
         _bad(path, "quickstart", "expected a mapping (may be empty: {})")
+    for key in quickstart or {}:
+        if key not in ("work_dir", "smoke", "max_docs"):
+            _bad(path, f"quickstart.{key}", "unknown key (expected work_dir, smoke or max_docs)")
     return Study(
         path=path,
         name=str(raw.get("name", path.stem)),
@@ -290,7 +295,7 @@ def prepare_base(study: Study) -> dict:
 
     options = study.quickstart
     plan = quickstart.Plan.smoke() if options.get("smoke") else quickstart.Plan()
-    work = study.work_dir / "quickstart"
+    work = Path(str(options.get("work_dir") or study.work_dir / "quickstart")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     _, prefixes = quickstart.prepare_data(work, plan, options.get("max_docs"))
     teacher_model = quickstart.model_section(plan.teacher, plan.vocab_size, plan.seq_length)
