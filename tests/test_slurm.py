@@ -331,3 +331,40 @@ def test_preprocess_and_export_sbatch_scripts(slurm_cluster, tmp_path, corpus_di
     model = AutoModelForCausalLM.from_pretrained(hf_dir)
     assert model.config.vocab_size >= vocab and model.config.num_hidden_layers == 4
     assert json.loads((hf_dir / "downstream.json").read_text())["tasks"]["arc_easy"]["n"] == 2
+
+
+def test_a_study_as_a_slurm_job_array(slurm_cluster, tmp_path, token_data):
+    """`megatron-let study --emit-sbatch`: the runs as a job array (one task per run, each
+    `--only INDEX`), the report as a job after it (afterok); the report holds every method."""
+    cluster = slurm_cluster
+    write_config(tmp_path / "base.yaml", tiny_config(token_data, distillation={"top_k": 16}))
+    spec = {
+        "work_dir": str(tmp_path / "work"),
+        "config": "base.yaml",
+        "budget": {"steps": 2},
+        "methods": ["nll", "kd"],
+        "grid": {"optimizer.lr": [1e-3]},
+        "reference": "kd",
+        "eval": {"interval": 1, "iters": 1},
+    }
+    write_config(tmp_path / "study.yaml", spec)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    emitted = subprocess.run(
+        [sys.executable, "-m", "megatron_let.cli", "study", "--config", "study.yaml", "--emit-sbatch", "sbatch"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert emitted.returncode == 0, emitted.stderr
+    assert not (tmp_path / "work" / "runs").exists()  # nothing trained yet
+    array = cluster.sbatch([tmp_path / "sbatch" / "study_runs.sbatch"], cwd=tmp_path, env=env)
+    report = cluster.sbatch(
+        [f"--dependency=afterok:{array}", tmp_path / "sbatch" / "study_report.sbatch"], cwd=tmp_path, env=env
+    )
+    state = cluster.wait(report, timeout=400)
+    logs = "\n".join(p.read_text()[-2000:] for p in sorted((tmp_path / "work" / "slurm").glob("*.out")))
+    assert state == "COMPLETED", logs
+    summary = json.loads((tmp_path / "work" / "report" / "summary.json").read_text())
+    assert sorted(summary["best"]) == ["kd", "nll"]
+    assert len(list((tmp_path / "work" / "slurm").glob("*_[01].out"))) == 2  # one log per array task

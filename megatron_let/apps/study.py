@@ -626,45 +626,36 @@ def write_report(study: Study, results: list[Result]) -> str:
 
 
 def emit_sbatch(study: Study, runs: list[Run], directory: Path) -> list[Path]:
-    """A job array (one task per run) and a report job after it."""
+    """A job array (one task per run: this Python, ``study --only INDEX``) and a report job to
+    run after it (``--dependency=afterok``); logs in <work_dir>/slurm (made now: Slurm opens them
+    before the script runs). Resources (GPUs, time, partition) come from sbatch's own options."""
     directory.mkdir(parents=True, exist_ok=True)
-    me = f"megatron-let study --config {study.path.resolve()}"
-    array = directory / "study_runs.sbatch"
-    write_text_atomic(
-        array,
-        "\n".join(
-            [
-                "#!/bin/bash",
-                f"#SBATCH --job-name={study.name}",
-                f"#SBATCH --array=0-{len(runs) - 1}",
-                "#SBATCH --nodes=1",
-                "#SBATCH --ntasks-per-node=1",
-                f"#SBATCH --output={study.work_dir}/slurm/%x-%A_%a.out",
-                "#SBATCH --signal=B:USR1@120",
-                "#SBATCH --requeue",
-                "set -euo pipefail",
-                f"mkdir -p {study.work_dir}/slurm",
-                f'exec {me} --only "$SLURM_ARRAY_TASK_ID"',
-                "",
-            ]
-        ),
-    )
-    report = directory / "study_report.sbatch"
-    write_text_atomic(
-        report,
-        "\n".join(
-            [
-                "#!/bin/bash",
-                f"#SBATCH --job-name={study.name}-report",
-                "#SBATCH --nodes=1",
-                f"#SBATCH --output={study.work_dir}/slurm/%x-%j.out",
-                "set -euo pipefail",
-                f"exec {me} --report-only",
-                "",
-            ]
-        ),
-    )
-    return [array, report]
+    logs = study.work_dir / "slurm"
+    logs.mkdir(parents=True, exist_ok=True)
+    me = f"{sys.executable} -m megatron_let.cli study --config {study.path.resolve()}"
+    scripts = {
+        "study_runs.sbatch": [
+            f"#SBATCH --job-name={study.work_dir.name}",
+            f"#SBATCH --array=0-{len(runs) - 1}",
+            "#SBATCH --nodes=1",
+            f"#SBATCH --output={logs}/%x-%A_%a.out",
+            "#SBATCH --requeue",
+            f'exec {me} --only "$SLURM_ARRAY_TASK_ID"',
+        ],
+        "study_report.sbatch": [
+            f"#SBATCH --job-name={study.work_dir.name}-report",
+            "#SBATCH --nodes=1",
+            f"#SBATCH --output={logs}/%x-%j.out",
+            f"exec {me} --report-only",
+        ],
+    }
+    paths = []
+    for name, lines in scripts.items():
+        header, command = [line for line in lines if line.startswith("#SBATCH")], lines[-1]
+        text = "\n".join(["#!/bin/bash", *header, "set -euo pipefail", f"cd {Path.cwd()}", command, ""])
+        write_text_atomic(directory / name, text)
+        paths.append(directory / name)
+    return paths
 
 
 # ------------------------------------------------------------------------------ CLI
