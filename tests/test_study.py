@@ -149,6 +149,8 @@ def test_the_shipped_studies_run_at_their_methods_and_grid_keys(example, tmp_pat
         spec["grid"]["hld.phase1_fraction"] = [0.5]
     spec["eval"] = {"interval": 1, "iters": 1}
     spec["work_dir"] = str(tmp / "work")
+    if example == "study_let_tiny":  # lm-eval on two methods' exported checkpoints (the quickstart's tokenizer)
+        spec["downstream"] = {"tasks": "ARC-e", "limit": 2, "methods": [spec["baseline"], "let"]}
     write_config(tmp / "study.yaml", spec)
     result = study_cli("--config", "study.yaml", cwd=tmp)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -158,3 +160,12 @@ def test_the_shipped_studies_run_at_their_methods_and_grid_keys(example, tmp_pat
     for name in summary["runs"]:
         cfg = yaml.safe_load((tmp / "work" / "configs" / f"{name}.yaml").read_text())
         assert cfg["teacher"]["load"] == str(shared / "runs" / "teacher")
+    if "downstream" in spec:
+        report = (tmp / "work" / "report" / "report.md").read_text()
+        assert "| method | test loss | Δ vs baseline | ARC-e | Avg. | relative gain |" in report
+        for variant in spec["downstream"]["methods"]:
+            scores = json.loads(
+                (tmp / "work" / "runs" / summary["best"][variant]["run"] / "downstream.json").read_text()
+            )
+            assert f"| {variant} | {summary['best'][variant]['test_loss']:.4f} |" in report
+            assert f"| {scores['table']['ARC-e']:.1f} |" in report

@@ -30,7 +30,9 @@ The study file (paths relative to it)::
     baseline: nll                     # LET-paper tables: relative gains and speedups against it
     reference: kd                     # compute-matched tables: pointwise differences against it (optional)
     eval: {interval: 20, iters: 4}    # held-out loss every `interval` steps (the loss-vs-FLOPs curves)
-    downstream: {tasks: "ARC-e,PIQA", limit: 200, tokenizer_dir: …}   # optional, best run of each method
+    downstream: {tasks: "ARC-e,PIQA", limit: 200}   # optional: lm-eval on each method's best run (or those
+                                      #   in `methods: [...]`), exported to Hugging Face format with
+                                      #   `tokenizer_dir` (a quickstart study makes one from its tokenizer)
     nproc_per_node: 1                 # processes per run (torchrun); parallel: sections in overrides
 
 ``--emit-sbatch DIR`` writes a Slurm job array instead (one task per run, each calling
@@ -45,6 +47,7 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -108,6 +111,7 @@ class Study:
     nproc_per_node: int
     quickstart: Optional[dict] = None
     config_path: Optional[Path] = None
+    tokenizer_dir: Optional[Path] = None  # the Hugging Face tokenizer for exports (downstream)
 
 
 def _bad(path: Path, key: str, message: str) -> NoReturn:
@@ -182,7 +186,10 @@ def load_study(path: Path) -> Study:
         _bad(path, "nproc_per_node", f"must be >= 1, got {nproc}")
     downstream = raw.get("downstream")
     if downstream is not None and not (isinstance(downstream, dict) and "tasks" in downstream):
-        _bad(path, "downstream", "expected {tasks: …, limit: N, tokenizer_dir: …}")
+        _bad(path, "downstream", "expected {tasks: …, limit: N, tokenizer_dir: …, methods: [...]}")
+    for key in downstream or {}:
+        if key not in ("tasks", "limit", "tokenizer_dir", "methods"):
+            _bad(path, f"downstream.{key}", "unknown key (expected tasks, limit, tokenizer_dir or methods)")
     quickstart = raw.get("quickstart")
     if quickstart is not None and not isinstance(quickstart, dict):
         _bad(path, "quickstart", "expected a mapping (may be empty: {})")
@@ -303,6 +310,12 @@ def prepare_base(study: Study) -> dict:
     teacher_dir = work / "runs" / "teacher"
     teacher_cfg = quickstart.training_config(plan, prefixes, teacher_model, plan.teacher_iters, teacher_dir)
     quickstart.train("teacher", teacher_cfg, work)
+    # Its SentencePiece model as a Hugging Face Llama tokenizer, for exported checkpoints (downstream).
+    study.tokenizer_dir = work / "hf_tokenizer"
+    if not (study.tokenizer_dir / "tokenizer_config.json").exists():
+        study.tokenizer_dir.mkdir(exist_ok=True)
+        shutil.copyfile(work / "tokenizer" / "spm.model", study.tokenizer_dir / "tokenizer.model")
+        write_text_atomic(study.tokenizer_dir / "tokenizer_config.json", '{"tokenizer_class": "LlamaTokenizer"}\n')
     base = quickstart.training_config(plan, prefixes, target_model, plan.target_iters, teacher_dir)
     base["teacher"] = {"model": teacher_model, "load": str(teacher_dir)}
     base.pop("alignment", None)
@@ -381,25 +394,36 @@ def read_metrics(save: Path) -> tuple[list, list, list]:
     return [train[k] for k in sorted(train)], [valid[k] for k in sorted(valid)], test
 
 
+def _run_step(command: list[str], what: str) -> None:
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = "\n".join((result.stdout + result.stderr).splitlines()[-15:])
+        raise SystemExit(f"study: {what} failed (exit {result.returncode}):\n{tail}\n{' '.join(command)}")
+
+
 def evaluate_downstream(study: Study, run: Run) -> Optional[dict]:
     """lm-eval's tasks on the run's final checkpoint, exported to Hugging Face format (cached)."""
     options = study.downstream or {}
     save = study.work_dir / "runs" / run.name
     output = save / "downstream.json"
     if not output.exists():
-        hf = save / "hf"
+        hf = study.work_dir / "hf" / run.name  # outside the checkpoint it is exported from
         if not (hf / "config.json").exists():
             export = [sys.executable, "-m", "megatron_let.convert", "export", "--load", str(save)]
             export += ["--output", str(hf), "--overwrite"]
             if options.get("tokenizer_dir"):
                 export += ["--tokenizer-dir", str((study.path.parent / str(options["tokenizer_dir"])).resolve())]
-            subprocess.run(export, check=True)
+            elif study.tokenizer_dir is not None:
+                export += ["--tokenizer-dir", str(study.tokenizer_dir)]
+            _run_step(export, f"exporting run {run.name} to Hugging Face format")
         progress(f"{run.name}: downstream tasks {options['tasks']}")
         command = [sys.executable, "-m", "megatron_let.evaluation.downstream", "--model-dir", str(hf)]
-        command += ["--tasks", str(options["tasks"]), "--output", str(output), "--device", "cpu"]
+        command += ["--tasks", str(options["tasks"]), "--output", str(output)]
+        if run.config.get("device") == "cpu":
+            command += ["--device", "cpu"]
         if options.get("limit"):
             command += ["--limit", str(options["limit"])]
-        subprocess.run(command, check=True)
+        _run_step(command, f"the downstream evaluation of run {run.name}")
     return json.loads(output.read_text())["table"]
 
 
@@ -515,7 +539,7 @@ def write_report(study: Study, results: list[Result]) -> str:
         row = [variant, f"{r.test_loss:.4f}", f"{r.test_loss - base.test_loss:+.4f}" if base else "—"]
         if tasks:
             scores = r.downstream or {}
-            row += [f"{scores.get(t, float('nan')):.1f}" for t in tasks]
+            row += [f"{scores[t]:.1f}" if t in scores else "—" for t in tasks]
             average = scores.get("Avg.")
             base_avg = (base.downstream or {}).get("Avg.") if base else None
             gain = f"{100 * (average - base_avg) / base_avg:+.1f}%" if average and base_avg else "—"
@@ -556,7 +580,7 @@ def write_report(study: Study, results: list[Result]) -> str:
     ]
     for variant, r in best.items():
         loss = f"**{r.test_loss:.4f}**" if r.test_loss == lowest else f"{r.test_loss:.4f}"
-        errors = [f"{100 - (r.downstream or {}).get(t, float('nan')):.1f}" for t in tasks]
+        errors = [f"{100 - r.downstream[t]:.1f}" if r.downstream and t in r.downstream else "—" for t in tasks]
         lines.append("| " + " | ".join([variant, _hp(r.run.point), loss, *errors]) + " |")
     pairs = pointwise(results, study.reference) if study.reference else []
     if pairs:
@@ -724,8 +748,10 @@ def main(argv=None) -> int:
         print("megatron-let study: no complete run to report", file=sys.stderr)
         return 1
     if study.downstream:
-        for result in best_runs(results).values():
-            result.downstream = evaluate_downstream(study, result.run)
+        chosen_methods = study.downstream.get("methods") or list(study.methods)
+        for variant, result in best_runs(results).items():
+            if variant in chosen_methods:
+                result.downstream = evaluate_downstream(study, result.run)
     text = write_report(study, results)
     print("\n" + text)
     progress(f"report: {study.work_dir / 'report' / 'report.md'}")
