@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from megatron_let.apps import benchmark
-from megatron_let.apps.benchmark import BenchmarkError, analyse, extrapolate, run_order, split_phases
+from megatron_let.apps.benchmark import BenchmarkError, analyse, extrapolate, method_order, run_order, split_phases
 
 from conftest import REPO, tiny_config, write_config
 
@@ -148,6 +148,21 @@ def test_extrapolation_is_exact_for_linear_costs():
     assert extra["run_averaged"]["train_iters"] == TRAIN_ITERS
 
 
+def test_method_order_rotates_the_first_method():
+    assert method_order(["nll", "kd", "hldf"], 3) == ["nll", "kd", "hldf", "kd", "hldf", "nll", "hldf", "nll", "kd"]
+
+
+def test_methods_need_nll_and_known_names(capsys):
+    for methods, named in (("kd", "nll"), ("nll,kd,lett", "lett"), ("nll,kd,kd", "kd given more than once")):
+        with pytest.raises(SystemExit) as exit_:
+            benchmark.main(["--config", "x.yaml", "--methods", methods])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert "--methods" in err and named in err, err
+    assert benchmark.main(["--config", "x.yaml", "--methods", "nll,kd", "--set", "method=kd"]) == 1
+    assert "use --methods" in capsys.readouterr().err
+
+
 def test_reserved_keys_are_refused(capsys):
     assert benchmark.main(["--config", "x.yaml", "--set", "training.train_iters=5"]) == 1
     assert "use --train-iters" in capsys.readouterr().err
@@ -246,3 +261,80 @@ def test_a_failing_run_is_named_with_its_output(tmp_path):
     assert "hidden_sise" in result.stderr  # the tail of the run's own output
     assert "starting LET (repeat 1/1)" in result.stdout and "starting baseline" not in result.stdout
     assert not (tmp_path / "bench.json").exists()
+
+
+def test_every_method_on_cpu(tmp_path):
+    """--methods nll,kd,hldf: each method's figures from its own metrics.jsonl, its FLOPs from the accounting."""
+    from megatron_let.objectives import cost_schedule
+    from megatron_let.run_config import load_run_config
+
+    iters, methods = 5, ("nll", "kd", "hldf")
+    result = _benchmark(tmp_path, "--methods", ",".join(methods), iters=iters)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    out = result.stdout
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["variant"] for r in report["runs"]] == list(methods)
+    figures = report["methods"]["per_method"]
+    assert list(figures) == list(methods) and figures["hldf"]["label"] == "hldf (phase 1)"
+
+    measured = range(2, iters + 1)  # iteration 1 is warm-up
+    records, median = {}, {}
+    for run in report["runs"]:
+        method, path = run["variant"], Path(run["metrics"])
+        assert path == tmp_path / "runs" / f"{method}_r1" / "metrics.jsonl"
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        records[method] = {r["iteration"]: r for r in lines if r.get("split", "train") == "train"}
+        assert sorted(records[method]) == list(range(1, iters + 1))
+        got = figures[method]
+        for key in ("step_time_s", "tokens_per_s", "tflops_per_gpu"):
+            values = [records[method][i][key] for i in measured]
+            median[method, key] = statistics.median(values)
+            assert got[key]["median"] == pytest.approx(median[method, key], rel=1e-12)
+            assert (got[key]["min"], got[key]["max"]) == (min(values), max(values))
+            quartiles = statistics.quantiles(values, n=4, method="inclusive")
+            assert (got[key]["p25"], got[key]["p75"]) == pytest.approx((quartiles[0], quartiles[2]))
+        assert got["peak_memory_allocated_gib"] is None and got["ratios"]["peak_memory_reserved"] is None  # CPU
+    # In the costly phase at every iteration: KD's weight alpha throughout, HLDF's phase 1 (weight 1) throughout.
+    assert all(records["nll"][i]["lambda"] == 0 for i in range(1, iters + 1))
+    assert all(records["kd"][i]["lambda"] == 0.5 for i in range(1, iters + 1))
+    assert all(records["hldf"][i]["lambda"] == 1.0 for i in range(1, iters + 1))
+    assert "HLDF phase 2" not in Path(report["runs"][2]["log"]).read_text()
+
+    for method in methods:
+        ratios = figures[method]["ratios"]
+        throughput = median["nll", "step_time_s"] / median[method, "step_time_s"]
+        assert ratios["throughput"] == pytest.approx(throughput, rel=1e-12)
+        for key in ("tokens_per_s", "tflops_per_gpu"):
+            assert ratios[key] == pytest.approx(median[method, key] / median["nll", key], rel=1e-12)
+        assert f"{throughput:.3f}" in out
+
+    # Counted FLOPs per token: the accounting of the config each run was given, loaded here.
+    own_sets = {
+        "nll": ["method=nll", "alignment.enabled=false"],
+        "kd": ["method=kd", "alignment.enabled=false"],
+        "hldf": ["method=hldf", "alignment.enabled=false", f"hld.phase1_iters={iters + 1}"],
+    }
+    counted = {}
+    for method, sets in own_sets.items():
+        cfg = load_run_config(tmp_path / "tiny.yaml", ["data.mock_data=true", f"training.train_iters={iters}", *sets])
+        for convention in ("paper", "megatron"):
+            cost = cost_schedule(cfg, convention).at(0)
+            counted[method, convention] = cost.total
+            got = figures[method]["flops_per_token"][convention]
+            assert got["total"] == pytest.approx(cost.total, rel=1e-12)
+            assert (got["student"], got["teacher"], got["regressor"]) == pytest.approx(
+                (cost.student, cost.teacher, cost.regressor), rel=1e-12
+            )
+    for method in methods:
+        for convention in ("paper", "megatron"):
+            ratio = counted[method, convention] / counted["nll", convention]
+            assert figures[method]["counted_flops_ratio"][convention] == pytest.approx(ratio, rel=1e-12)
+            assert f"{ratio:.3f}" in out
+    for convention in ("paper", "megatron"):
+        # KD adds the teacher's forward; HLDF's phase 1 runs half the student and no output layer.
+        assert counted["kd", convention] > counted["nll", convention]
+        assert counted["hldf", convention] < counted["kd", convention]
+    assert figures["nll"]["flops_per_token"]["paper"]["teacher"] == 0
+    assert figures["kd"]["flops_per_token"]["paper"]["teacher"] > 0
+    for row in ("hldf (phase 1)", "FLOPs/token (paper A.9)", "FLOPs/token (Megatron-LM)", "counted FLOPs ratio to nll"):
+        assert row in out, out

@@ -60,6 +60,31 @@ trainer writes one per iteration, 1-based, with ``lambda``, ``step_time_s``, ``t
   cost. Tokens per step do not depend on L. These rows are labelled EXTRAPOLATION: they are not
   measurements.
 
+**Every objective** (``--methods nll,let,kd,rkd,salt,hldc,hldf``, any subset holding ``nll``, the
+reference): the same machinery runs one process group per listed method instead of the two
+variants, the same command with, after the settings above (``alignment.stop_step`` and
+``alignment.enabled`` aside), ``method`` = the method and ``alignment.enabled`` = true for ``let``,
+false for the others; each method is kept in its costly phase for the whole run:
+``let``: ``alignment.stop_step`` = ``--train-iters`` + 1 (λ > 0 and the teacher runs at every
+iteration; the benchmark checks the records' λ); ``salt``: ``distillation.stop_step`` =
+``--train-iters`` + 1 (KD at every iteration); ``kd``, ``rkd``, ``hldc``: ``distillation.stop_step`` =
+null (no switch to NLL); ``hldf``: ``hld.phase1_iters`` = ``--train-iters`` + 1 with
+``hld.phase1_fraction`` = null and ``distillation.stop_step`` = null, labelled "hldf (phase 1)" (its
+phase 2 costs what kd costs). ``--stop-step`` is not used. Each repeat runs every method once,
+round-robin, the starting method rotating by one per repeat (nll, kd, hldf; kd, hldf, nll; ...).
+The figures of a method are those of a phase above (``summary``, the same pooling), over iterations
+``--warmup`` + 1 .. ``--train-iters`` of all its repeats: median step time with IQR and min–max,
+tokens/s, TFLOP/s per GPU, peak memory allocated / reserved; the ratios are formed against nll as
+above with nll as the baseline (*throughput* = nll median step time / the method's; *tokens/s*,
+*TFLOP/s per GPU* = method / nll; *memory* = method peak / nll peak). Beside them, the accounting's
+count: the run's config loaded with the run's own ``--set`` values
+(``megatron_let.run_config.load_run_config``) and ``megatron_let.objectives.cost_schedule(cfg,
+convention).at(0)``, the FLOPs per token of the first step (student, teacher, regressor and their
+total) in both conventions, ``paper`` (the compute-matched paper's A.9) and ``megatron``
+(Megatron-LM's, the one the TFLOP/s are counted in), and each total / nll's total ("counted FLOPs
+ratio to nll"): measured time and counted compute side by side. The JSON holds them under
+``"methods"``; ``--num-layers`` takes one depth there, and the projection flags are refused.
+
 The teacher: if the config reads it from a checkpoint that does not exist on this machine (e.g. a
 benchmark of the 1.4B shape before any conversion), give its shape instead, e.g.
 ``--set teacher.load=null --set teacher.model.num_layers=30 --set teacher.model.hidden_size=576 ...``
@@ -80,9 +105,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, get_args
 
 import yaml
+
+from megatron_let.config import Method
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -97,6 +124,20 @@ SERIES = ("step_time_s", "tokens_per_s", "tflops_per_gpu")
 MEMORY = ("peak_memory_allocated_gib", "peak_memory_reserved_gib")
 VARIANTS = ("baseline", "let")
 LABELS = {"baseline": "baseline", "let": "LET"}
+
+# --methods: every objective in its costly phase, against nll (see the module docstring).
+METHODS = tuple(get_args(Method))
+REFERENCE = "nll"
+METHOD_LABELS = {"hldf": "hldf (phase 1)"}  # hldf runs phase 1 throughout; its phase 2 costs what kd costs
+# Keys --methods sets itself for some methods (on top of _RESERVED).
+_RESERVED_METHODS = {
+    "method": "--methods",
+    "alignment.enabled": "(--methods: true for let only)",
+    "alignment.stop_step": "(--methods keeps let aligning for the whole run)",
+    "distillation.stop_step": "(--methods keeps every method in its costly phase)",
+    "hld.phase1_iters": "(--methods keeps hldf in phase 1)",
+    "hld.phase1_fraction": "(--methods keeps hldf in phase 1)",
+}
 
 # Keys the benchmark sets itself (the corresponding flag says how to change them).
 _RESERVED = {
@@ -184,7 +225,7 @@ def _variant_phase(runs: Sequence[Sequence[dict]], iterations: Sequence[int], va
         missing = wanted - {r["iteration"] for r in chosen}
         if missing:
             raise BenchmarkError(
-                f"{LABELS[variant]} repeat {index + 1} has no record of iteration(s) {sorted(missing)[:5]}"
+                f"{LABELS.get(variant, variant)} repeat {index + 1} has no record of iteration(s) {sorted(missing)[:5]}"
             )
         pooled += chosen
         per_repeat.append(statistics.median(r["step_time_s"] for r in chosen) if chosen else None)
@@ -291,6 +332,48 @@ def analyse(
     return result
 
 
+def analyse_methods(runs: dict[str, Sequence[Sequence[dict]]], warmup: int, train_iters: int) -> dict:
+    """--methods: each method's figures over iterations ``warmup`` + 1 .. ``train_iters`` of its
+    repeats (``runs``: method → the train records of each repeat), pooled as for a phase, with
+    ratios to nll's (see the module docstring)."""
+    if REFERENCE not in runs:
+        raise BenchmarkError(f"--methods: no {REFERENCE} run to compare with")
+    for index, records in enumerate(runs.get("let", ())):
+        idle = [r["iteration"] for r in records if not float(r.get("lambda") or 0.0) > 0]
+        if idle:
+            raise BenchmarkError(
+                f"let repeat {index + 1} did not align at iteration(s) {idle[:5]} (λ = 0): does the "
+                "config have a teacher, and alignment.lambda0 > 0?"
+            )
+    iterations = list(range(warmup + 1, train_iters + 1))
+    per_method = {method: _variant_phase(repeats, iterations, method_label(method)) for method, repeats in runs.items()}
+    for method, entry in per_method.items():
+        entry["label"] = method_label(method)
+        entry["ratios"] = _ratios(per_method[REFERENCE], entry)
+    return {"reference": REFERENCE, "iterations": iterations, "per_method": per_method}
+
+
+def counted_flops(config: str, sets: Sequence[str]) -> dict:
+    """FLOPs per token of the first step of the run that ``config`` with ``sets`` describes, by
+    part, in both conventions (``objectives.cost_schedule``)."""
+    from megatron_let.flops import Convention
+    from megatron_let.objectives import cost_schedule
+    from megatron_let.run_config import load_run_config
+
+    cfg = load_run_config(config, list(sets))
+    conventions: tuple[Convention, ...] = ("paper", "megatron")
+    out = {}
+    for convention in conventions:
+        cost = cost_schedule(cfg, convention).at(0)
+        out[convention] = {
+            "student": cost.student,
+            "teacher": cost.teacher,
+            "regressor": cost.regressor,
+            "total": cost.total,
+        }
+    return out
+
+
 def _fit(xs: Sequence[float], ys: Sequence[Optional[float]]) -> Optional[tuple[float, float]]:
     """Least-squares (intercept, slope) of y over x; None if any y is missing or x does not vary."""
     if any(y is None for y in ys) or len(set(xs)) < 2:
@@ -348,13 +431,14 @@ def extrapolate(by_layers: dict[int, dict], target_layers: int, projection: Opti
 
 @dataclass
 class Run:
-    variant: str  # baseline | let
+    variant: str  # baseline | let; with --methods, the method
     repeat: int  # 0-based
     num_layers: Optional[int]
     directory: Path
     returncode: Optional[int] = None
     wall_s: Optional[float] = None
     records: list = field(default_factory=list)
+    method: Optional[str] = None  # --methods: the method this run trains with
 
     @property
     def name(self) -> str:
@@ -363,7 +447,8 @@ class Run:
 
     def label(self, repeats: int) -> str:
         depth = f", {self.num_layers} layers" if self.num_layers is not None else ""
-        return f"{LABELS[self.variant]} (repeat {self.repeat + 1}/{repeats}{depth})"
+        text = method_label(self.method) if self.method is not None else LABELS[self.variant]
+        return f"{text} (repeat {self.repeat + 1}/{repeats}{depth})"
 
     @property
     def metrics_path(self) -> Path:
@@ -382,6 +467,34 @@ def run_order(repeats: int) -> list[str]:
     return order
 
 
+def method_order(methods: Sequence[str], repeats: int) -> list[str]:
+    """Each repeat runs every method once, round-robin, starting one method further on each repeat."""
+    order: list[str] = []
+    for repeat in range(repeats):
+        start = repeat % len(methods)
+        order += list(methods[start:]) + list(methods[:start])
+    return order
+
+
+def method_label(method: str) -> str:
+    return METHOD_LABELS.get(method, method)
+
+
+def _method_sets(method: str, train_iters: int) -> list[str]:
+    """What keeps ``method`` in its costly phase for ``train_iters`` iterations (module docstring)."""
+    sets = [f"method={method}", f"alignment.enabled={'true' if method == 'let' else 'false'}"]
+    beyond = train_iters + 1
+    if method == "let":
+        sets.append(f"alignment.stop_step={beyond}")
+    elif method == "salt":
+        sets.append(f"distillation.stop_step={beyond}")
+    elif method == "hldf":
+        sets += ["distillation.stop_step=null", f"hld.phase1_iters={beyond}", "hld.phase1_fraction=null"]
+    elif method != REFERENCE:
+        sets.append("distillation.stop_step=null")
+    return sets
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -392,10 +505,15 @@ def overrides(args: argparse.Namespace, run: Run) -> list[str]:
     """The ``--set`` assignments of one run: defaults the user may change, the user's, then the benchmark's."""
     sets = ["eval.eval_interval=null", "eval.test_at_end=false", "logging.tensorboard_dir=null"]
     sets += list(args.set)
+    if run.method is not None:
+        sets += [f"training.train_iters={args.train_iters}", *_method_sets(run.method, args.train_iters)]
+    else:
+        sets += [
+            f"training.train_iters={args.train_iters}",
+            f"alignment.stop_step={args.stop_step}",
+            f"alignment.enabled={'true' if run.variant == 'let' else 'false'}",
+        ]
     sets += [
-        f"training.train_iters={args.train_iters}",
-        f"alignment.stop_step={args.stop_step}",
-        f"alignment.enabled={'true' if run.variant == 'let' else 'false'}",
         f"logging.jsonl_path={run.metrics_path.resolve()}",
         "logging.log_interval=1",
         "checkpoint.save=null",
@@ -606,6 +724,8 @@ def format_block(result: dict, repeats: Optional[int], prefix: str = "") -> list
 
 
 def format_report(report: dict) -> str:
+    if "methods" in report:
+        return format_methods_report(report)
     setup = report["setup"]
     lines = [
         "",
@@ -656,6 +776,87 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _spread_cells(stats: Optional[dict]) -> tuple[str, str, str]:
+    """median, IQR, min–max of a :func:`summary` as three cells."""
+    if stats is None:
+        return "n/a", "n/a", "n/a"
+    return (
+        _fmt(stats["median"]),
+        f"{_fmt(stats['p25'])}–{_fmt(stats['p75'])}",
+        f"{_fmt(stats['min'])}–{_fmt(stats['max'])}",
+    )
+
+
+METHOD_ROWS = (
+    ("step_time_s", "step time, s"),
+    ("tokens_per_s", "tokens/s"),
+    ("tflops_per_gpu", "TFLOP/s per GPU"),
+)
+CONVENTION_TITLES = {"paper": "paper A.9", "megatron": "Megatron-LM"}
+
+
+def method_rows(result: dict) -> list[list[str]]:
+    """--methods: one row per figure, one column per method (the header first)."""
+    per_method = result["per_method"]
+    entries = list(per_method.values())
+    rows = [[""] + [entry["label"] for entry in entries]]
+    for key, title in METHOD_ROWS:
+        cells = [_spread_cells(entry[key]) for entry in entries]
+        rows.append([f"{title} (median)"] + [c[0] for c in cells])
+        rows.append(["  IQR"] + [c[1] for c in cells])
+        rows.append(["  min–max"] + [c[2] for c in cells])
+    for key in MEMORY:
+        title = key.removesuffix("_gib").replace("_", " ") + ", GiB"
+        rows.append([title] + [_fmt(entry[key]) for entry in entries])
+    for key, title in (
+        ("throughput", f"throughput ({REFERENCE} step time / method's)"),
+        ("tokens_per_s", f"tokens/s ratio to {REFERENCE}"),
+        ("tflops_per_gpu", f"TFLOP/s per GPU ratio to {REFERENCE}"),
+        ("peak_memory_allocated", f"peak memory allocated ratio to {REFERENCE}"),
+        ("peak_memory_reserved", f"peak memory reserved ratio to {REFERENCE}"),
+    ):
+        rows.append([title] + [_ratio_text(entry["ratios"][key]) for entry in entries])
+    for convention, title in CONVENTION_TITLES.items():
+        rows.append([f"FLOPs/token ({title})"] + [f"{e['flops_per_token'][convention]['total']:.4g}" for e in entries])
+    for convention, title in CONVENTION_TITLES.items():
+        rows.append(
+            [f"counted FLOPs ratio to {REFERENCE} ({title})"]
+            + [_ratio_text(e["counted_flops_ratio"][convention]) for e in entries]
+        )
+    return rows
+
+
+def format_methods_report(report: dict) -> str:
+    setup, result = report["setup"], report["methods"]
+    its = result["iterations"]
+    depth = f", {setup['num_layers']} layers" if setup.get("num_layers") is not None else ""
+    lines = [
+        "",
+        f"every objective vs {REFERENCE} (Table-4 layout) — {setup['config']}{depth}, "
+        f"{setup['nproc_per_node']} process(es), {setup['train_iters']} iterations, warm-up {setup['warmup']}, "
+        f"{setup['repeats']} repeat(s)",
+        "each method in its costly phase at every iteration (let aligns, salt and the other logit methods "
+        "distil, hldf is in phase 1); "
+        f"iterations {_span(its)} ({len(its)} per run × {setup['repeats']} repeat(s)), pooled",
+        f"throughput = {REFERENCE} median step time / the method's; the other ratios are method / {REFERENCE}; "
+        "FLOPs/token: the accounting's count for the first step (objectives.cost_schedule), "
+        "the TFLOP/s are counted in Megatron-LM's",
+        "",
+    ]
+    rows = method_rows(result)
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    for row in rows:
+        lines.append("  " + "   ".join(cell.ljust(widths[c]) for c, cell in enumerate(row)).rstrip())
+    syncs = [(run["name"], run["host_syncs"]) for run in report["runs"] if run.get("host_syncs") is not None]
+    if syncs:
+        lines += [
+            "",
+            "host-device synchronisations in one step (CUDA sync debug mode; call sites in each "
+            "run's output.log): " + ", ".join(f"{name} {count}" for name, count in syncs),
+        ]
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------ main
 
 
@@ -684,6 +885,23 @@ def _lookup(raw: dict, dotted: str, default=None):
             return default
         node = node[part]
     return node
+
+
+def _method_list(text: str) -> list[str]:
+    """--methods: comma-separated method names, nll among them (argparse type)."""
+    methods = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in methods if name not in METHODS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    repeated = sorted({name for name in methods if methods.count(name) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"{', '.join(repeated)} given more than once")
+    if REFERENCE not in methods:
+        raise argparse.ArgumentTypeError(
+            f"{REFERENCE} (the reference every ratio is formed against) must be in the list, e.g. {REFERENCE},"
+            + ",".join(methods or ["kd"])
+        )
+    return methods
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -727,6 +945,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--mock-data", action="store_true", help="data.mock_data=true: no dataset needed")
     parser.add_argument(
+        "--methods",
+        type=_method_list,
+        default=None,
+        metavar="LIST",
+        help="instead of baseline vs LET: every listed training objective (comma-separated, nll among them, "
+        f"from {','.join(METHODS)}), each in its costly phase for the whole run, against nll, with each "
+        "method's counted FLOPs per token; --stop-step is not used",
+    )
+    parser.add_argument(
         "--sync-debug",
         action="store_true",
         help="GPU: run the last warm-up iteration under CUDA's sync debug mode and report how many "
@@ -759,17 +986,31 @@ def parse_args(argv=None) -> argparse.Namespace:
         metavar="SECONDS",
         help="stop a run (and the benchmark) after this long",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.methods is not None:
+        if args.num_layers and len(set(args.num_layers)) > 1:
+            parser.error("argument --methods: --num-layers takes one depth with --methods (no extrapolation)")
+        if args.project_train_iters is not None or args.project_stop_step is not None:
+            parser.error("argument --methods: no run average to project (each method runs one phase)")
+    return args
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    methods = getattr(args, "methods", None)
+    reserved = {**_RESERVED, **_RESERVED_METHODS} if methods is not None else _RESERVED
     for assignment in args.set:
         key = assignment.partition("=")[0].strip()
         if "=" not in assignment:
             raise BenchmarkError(f"--set {assignment!r}: expected key=value")
-        if key in _RESERVED or (key == "model.num_layers" and args.num_layers):
-            flag = _RESERVED.get(key, "--num-layers")
+        if key in reserved or (key == "model.num_layers" and args.num_layers):
+            flag = reserved.get(key, "--num-layers")
             raise BenchmarkError(f"--set {key}: the benchmark sets this itself; use {flag}")
+    if methods is not None:
+        if args.train_iters < 1 or args.repeats < 1 or args.warmup < 0 or args.nproc_per_node < 1:
+            raise BenchmarkError("--train-iters, --repeats and --nproc-per-node must be >= 1, --warmup >= 0")
+        if args.warmup >= args.train_iters:
+            raise BenchmarkError(f"--warmup {args.warmup} leaves no iteration of --train-iters {args.train_iters}")
+        return
     if args.train_iters < 1 or args.stop_step < 1 or args.repeats < 1 or args.warmup < 0 or args.nproc_per_node < 1:
         raise BenchmarkError("--train-iters, --stop-step, --repeats and --nproc-per-node must be >= 1, --warmup >= 0")
     if args.warmup >= args.stop_step:
@@ -783,8 +1024,79 @@ def _check_args(args: argparse.Namespace) -> None:
         )
 
 
+def _run_entries(runs: Sequence[Run]) -> list[dict]:
+    return [
+        {
+            "name": r.name,
+            "variant": r.variant,
+            "repeat": r.repeat,
+            "num_layers": r.num_layers,
+            "order": i,
+            "directory": str(r.directory),
+            "metrics": str(r.metrics_path),
+            "log": str(r.log_path),
+            "returncode": r.returncode,
+            "wall_s": r.wall_s,
+            "host_syncs": next((rec["host_syncs"] for rec in r.records if "host_syncs" in rec), None),
+        }
+        for i, r in enumerate(runs)
+    ]
+
+
+def benchmark_methods(args: argparse.Namespace) -> dict:
+    """--methods: every listed objective against nll (see the module docstring)."""
+    from megatron_let.config import ConfigError
+
+    methods = list(args.methods)
+    output = Path(args.output_dir)
+    depth = args.num_layers[0] if args.num_layers else None
+    runs = []
+    for position, method in enumerate(method_order(methods, args.repeats)):
+        run = Run(method, position // len(methods), depth, Path(), method=method)
+        run.directory = output / run.name
+        runs.append(run)
+    flops = {}
+    for method in methods:  # before any run: a method the config cannot train fails here
+        first = next(r for r in runs if r.method == method)
+        try:
+            flops[method] = counted_flops(args.config, overrides(args, first))
+        except (ConfigError, OSError, ValueError) as err:
+            raise BenchmarkError(f"--methods {method}: {args.config} with the run's --set values: {err}") from None
+    for index, run in enumerate(runs, 1):
+        execute(args, run, index, len(runs))
+
+    result = analyse_methods(
+        {m: [r.records for r in runs if r.method == m] for m in methods}, args.warmup, args.train_iters
+    )
+    for method, entry in result["per_method"].items():
+        entry["sets"] = _method_sets(method, args.train_iters)
+        entry["flops_per_token"] = flops[method]
+        entry["counted_flops_ratio"] = {
+            convention: _ratio(flops[method][convention]["total"], flops[REFERENCE][convention]["total"])
+            for convention in CONVENTION_TITLES
+        }
+    return {
+        "setup": {
+            "config": args.config,
+            "set": args.set,
+            "methods": methods,
+            "nproc_per_node": args.nproc_per_node,
+            "train_iters": args.train_iters,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "num_layers": depth,
+            "mock_data": args.mock_data,
+            "output_dir": str(output),
+        },
+        "runs": _run_entries(runs),
+        "methods": result,
+    }
+
+
 def benchmark(args: argparse.Namespace) -> dict:
     _check_args(args)
+    if getattr(args, "methods", None) is not None:
+        return benchmark_methods(args)
     raw = _raw_config(args.config, args.set)
     projection = None
     if args.project_train_iters is not None or args.project_stop_step is not None:
@@ -825,22 +1137,7 @@ def benchmark(args: argparse.Namespace) -> dict:
             "projection": projection,
             "output_dir": str(output),
         },
-        "runs": [
-            {
-                "name": r.name,
-                "variant": r.variant,
-                "repeat": r.repeat,
-                "num_layers": r.num_layers,
-                "order": i,
-                "directory": str(r.directory),
-                "metrics": str(r.metrics_path),
-                "log": str(r.log_path),
-                "returncode": r.returncode,
-                "wall_s": r.wall_s,
-                "host_syncs": next((rec["host_syncs"] for rec in r.records if "host_syncs" in rec), None),
-            }
-            for i, r in enumerate(runs)
-        ],
+        "runs": _run_entries(runs),
         "results": results,
         "extrapolation": None,
     }
