@@ -97,6 +97,21 @@ def write_config(path: Path, cfg: dict) -> Path:
     return path
 
 
+QUICKSTART_SMOKE = ["quickstart", "--smoke", "--max-docs", "40"]
+
+
+@pytest.fixture(scope="session")
+def quickstart_smoke(tmp_path_factory):
+    """`megatron-let quickstart --smoke` run once: (its work directory, the completed process).
+    Its corpus, tokenizer and teacher also serve the study examples (tests/test_study.py)."""
+    work = tmp_path_factory.mktemp("quickstart") / "qs"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}
+    command = [sys.executable, "-m", "megatron_let.cli", *QUICKSTART_SMOKE, "--work-dir", str(work)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return work, command, env
+
+
 @pytest.fixture(scope="session")
 def token_data(tmp_path_factory):
     return write_token_dataset(tmp_path_factory.mktemp("data") / "tokens")

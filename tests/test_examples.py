@@ -1,31 +1,16 @@
 """The user-facing end-to-end paths, shortened: the quickstart and the real-teacher example."""
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 
 from conftest import REPO, torchrun
 
 
-def test_quickstart_smoke_produces_the_report(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}
-    command = [
-        sys.executable,
-        "-m",
-        "megatron_let.cli",
-        "quickstart",
-        "--smoke",
-        "--max-docs",
-        "40",
-        "--work-dir",
-        str(tmp_path / "qs"),
-    ]
-    first = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
-    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
-    report = tmp_path / "qs" / "report"
+def test_quickstart_smoke_produces_the_report(quickstart_smoke):
+    work, command, env = quickstart_smoke
+    report = work / "report"
     for name in ("report.md", "valid_loss.png", "alignment.png", "summary.json"):
         assert (report / name).stat().st_size > 0, name
     text = (report / "report.md").read_text()

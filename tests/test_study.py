@@ -134,15 +134,16 @@ def test_a_changed_study_is_refused_and_bad_files_named(study):
 
 
 @pytest.mark.parametrize("example", ["study_let_tiny", "study_hld_tiny"])
-def test_the_shipped_studies_run_at_their_methods_and_grid_keys(example, tmp_path_factory):
+def test_the_shipped_studies_run_at_their_methods_and_grid_keys(example, tmp_path_factory, quickstart_smoke):
     """examples/study_*.yaml as shipped — their methods, grid keys, overrides, baseline and
-    reference — on the quickstart's smoke corpus and teacher (shared by both), 2 steps per run and
-    the first value of each grid key: every run trains and the report tabulates every method."""
-    shared = tmp_path_factory.getbasetemp() / "study_examples_quickstart"
+    reference — on the quickstart's smoke corpus and teacher (`megatron-let quickstart --smoke`'s
+    directory, reused), 2 steps per run and the first value of each grid key: every run trains and
+    the report tabulates every method."""
+    shared = quickstart_smoke[0]
     tmp = tmp_path_factory.mktemp(example)
     spec = yaml.safe_load((REPO / "examples" / f"{example}.yaml").read_text())
     assert set(spec["quickstart"]) <= {"work_dir", "smoke", "max_docs"}
-    spec["quickstart"] = {"smoke": True, "max_docs": 400, "work_dir": str(shared)}
+    spec["quickstart"] = {"smoke": True, "max_docs": 40, "work_dir": str(shared)}
     spec["budget"] = {"steps": 2}
     spec["grid"] = {key: values[:1] for key, values in spec["grid"].items()}
     if "hld.phase1_fraction" in spec["grid"]:  # P1 of a 2-step run: one phase-1 step
