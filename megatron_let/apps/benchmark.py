@@ -723,6 +723,17 @@ def format_block(result: dict, repeats: Optional[int], prefix: str = "") -> list
     return lines
 
 
+def _host_sync_lines(report: dict) -> list[str]:
+    syncs = [(run["name"], run["host_syncs"]) for run in report["runs"] if run.get("host_syncs") is not None]
+    if not syncs:
+        return []
+    return [
+        "",
+        "host-device synchronisations in one step (CUDA sync debug mode; call sites in each "
+        "run's output.log): " + ", ".join(f"{name} {count}" for name, count in syncs),
+    ]
+
+
 def format_report(report: dict) -> str:
     if "methods" in report:
         return format_methods_report(report)
@@ -748,13 +759,7 @@ def format_report(report: dict) -> str:
         else:
             lines.append(f"the teacher is never released within {setup['train_iters']} iterations; {warm}")
         lines += format_block(entry["phases"], setup["repeats"])
-    syncs = [(run["name"], run["host_syncs"]) for run in report["runs"] if run.get("host_syncs") is not None]
-    if syncs:
-        lines += [
-            "",
-            "host-device synchronisations in one step (CUDA sync debug mode; call sites in each "
-            "run's output.log): " + ", ".join(f"{name} {count}" for name, count in syncs),
-        ]
+    lines += _host_sync_lines(report)
     extra = report.get("extrapolation")
     if extra:
         depths = ", ".join(map(str, extra["from_layers"]))
@@ -847,13 +852,7 @@ def format_methods_report(report: dict) -> str:
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     for row in rows:
         lines.append("  " + "   ".join(cell.ljust(widths[c]) for c, cell in enumerate(row)).rstrip())
-    syncs = [(run["name"], run["host_syncs"]) for run in report["runs"] if run.get("host_syncs") is not None]
-    if syncs:
-        lines += [
-            "",
-            "host-device synchronisations in one step (CUDA sync debug mode; call sites in each "
-            "run's output.log): " + ", ".join(f"{name} {count}" for name, count in syncs),
-        ]
+    lines += _host_sync_lines(report)
     return "\n".join(lines)
 
 

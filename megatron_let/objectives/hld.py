@@ -33,14 +33,13 @@ from megatron_let.flops import (
     TokenCost,
     regressor_flops_per_token,
     student_flops_per_token,
-    teacher_flops_per_token,
 )
 from megatron_let.model import initialization
 from megatron_let.model.gpt import unwrap
 from megatron_let.objectives.base import NOT_COMPUTED, PhasedSchedule, data_cost, until
 from megatron_let.objectives.hook import AlignmentHook, find_layer, layer_owner, main_loss_scale
 from megatron_let.objectives.kd import KDObjective, logit_teacher_cost
-from megatron_let.objectives.teacher import teacher_model
+from megatron_let.objectives.teacher import teacher_cost, teacher_model
 
 REGRESSOR = "hint_regressor"  # the attribute (and checkpoint key prefix) on the owning chunk
 FROZEN_IN_PHASE1 = "hldf_frozen_in_phase1"  # parameter attribute: the layers after the hint layer
@@ -287,17 +286,6 @@ class HLDFObjective(HLDCObjective):
 # ------------------------------------------------------------------------------------ FLOPs
 
 
-def _hint_teacher_cost(cfg: LETConfig, convention: Convention, teacher_layer: int) -> float:
-    assert cfg.teacher is not None
-    return teacher_flops_per_token(
-        teacher_model(cfg.teacher),
-        cfg.training.seq_length,
-        convention,
-        layers=teacher_layer,
-        tensor_parallel=cfg.parallel.tensor_model_parallel_size,
-    )
-
-
 def hldc_cost_schedule(cfg: LETConfig, convention: Convention) -> CostSchedule:
     """C_HLDC = C_KD + 6·N_reg (the paper's A.9) while the teacher runs. With the logits cached
     the teacher still runs to its hint layer (C_Teacher·D/2 of its layers). Under pipeline
@@ -307,7 +295,7 @@ def hldc_cost_schedule(cfg: LETConfig, convention: Convention) -> CostSchedule:
     _, teacher_layer = resolve_hint_layers(cfg)
     teacher = logit_teacher_cost(cfg, convention)
     if cfg.distillation.teacher_cache:
-        teacher = _hint_teacher_cost(cfg, convention, teacher_layer)
+        teacher = teacher_cost(cfg, convention, layers=teacher_layer)
     regressor = regressor_flops_per_token(regressor_parameters(cfg))
     data = data_cost(cfg, convention)
     return until(cfg.distillation.stop_step, TokenCost(data, teacher, regressor), TokenCost(data))
@@ -327,7 +315,7 @@ def hldf_phase_costs(cfg: LETConfig, convention: Convention) -> tuple[TokenCost,
             logits=False,
             tensor_parallel=cfg.parallel.tensor_model_parallel_size,
         ),
-        _hint_teacher_cost(cfg, convention, teacher_layer),
+        teacher_cost(cfg, convention, layers=teacher_layer),
         regressor_flops_per_token(regressor_parameters(cfg)),
     )
     return hint, TokenCost(data_cost(cfg, convention), logit_teacher_cost(cfg, convention))

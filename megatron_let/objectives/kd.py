@@ -22,10 +22,10 @@ from megatron.core.utils import get_attr_wrapped_model
 from megatron_let.config import LETConfig, TeacherConfig
 from megatron_let.data.teacher_cache import TeacherCache
 from megatron_let.distillation import gather_columns, kl_divergence, top_k_target
-from megatron_let.flops import Convention, CostSchedule, TokenCost, teacher_flops_per_token
+from megatron_let.flops import Convention, CostSchedule, TokenCost
 from megatron_let.model.gpt import Kernels
 from megatron_let.objectives.base import Objective, data_cost, until
-from megatron_let.objectives.teacher import Teacher, load_teacher_weights, teacher_model
+from megatron_let.objectives.teacher import Teacher, load_teacher_weights, teacher_cost, teacher_model
 
 
 class KDObjective(Objective):
@@ -202,14 +202,7 @@ def logit_teacher_cost(cfg: LETConfig, convention: Convention) -> float:
     paper does not (C_KD/C_data ≈ 1.0000)."""
     if cfg.distillation.teacher_cache:
         return 0.0
-    assert cfg.teacher is not None
-    return teacher_flops_per_token(
-        teacher_model(cfg.teacher),
-        cfg.training.seq_length,
-        convention,
-        head=True,
-        tensor_parallel=cfg.parallel.tensor_model_parallel_size,
-    )
+    return teacher_cost(cfg, convention, head=True)
 
 
 def kd_cost_schedule(cfg: LETConfig, convention: Convention) -> CostSchedule:

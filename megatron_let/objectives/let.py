@@ -17,11 +17,11 @@ from megatron_let.alignment import alignment_weight
 from megatron_let.config import ConfigError, LETConfig, TeacherConfig, TokenizerConfig, resolve_layers
 from megatron_let.data.preprocess import PreprocessError, build_tokenizer
 from megatron_let.data.retokenize import Retokenizer
-from megatron_let.flops import Convention, CostSchedule, TokenCost, teacher_flops_per_token
+from megatron_let.flops import Convention, CostSchedule, TokenCost
 from megatron_let.model.gpt import Kernels
 from megatron_let.objectives.base import Objective, data_cost, until
 from megatron_let.objectives.hook import AlignmentHook, find_layer, layer_owner, main_loss_scale
-from megatron_let.objectives.teacher import Teacher, load_teacher_weights, teacher_model
+from megatron_let.objectives.teacher import Teacher, load_teacher_weights, teacher_cost, teacher_model
 
 
 def _tokenizer(spec: TokenizerConfig, key: str):
@@ -187,13 +187,6 @@ def let_cost_schedule(cfg: LETConfig, convention: Convention) -> CostSchedule:
     no output layer) until S_stop, then C_data. The alignment term (interpolation, cosine) is
     O(d) per token: not counted."""
     _, teacher_layer = resolve_layers(cfg)
-    assert cfg.teacher is not None
-    teacher = teacher_flops_per_token(
-        teacher_model(cfg.teacher),
-        cfg.training.seq_length,
-        convention,
-        layers=teacher_layer,
-        tensor_parallel=cfg.parallel.tensor_model_parallel_size,
-    )
+    teacher = teacher_cost(cfg, convention, layers=teacher_layer)
     data = data_cost(cfg, convention)
     return until(cfg.alignment.stop_step, TokenCost(data, teacher), TokenCost(data))

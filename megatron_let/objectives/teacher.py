@@ -18,7 +18,8 @@ from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 from megatron_let import checkpoint
-from megatron_let.config import ModelConfig, TeacherConfig
+from megatron_let.config import LETConfig, ModelConfig, TeacherConfig
+from megatron_let.flops import Convention, teacher_flops_per_token
 from megatron_let.model.gpt import DTYPES, TE_NORM_NAMES, Kernels, build_gpt, resolve_precision, transformer_config
 from megatron_let.platform import distributed as parallel
 
@@ -30,6 +31,20 @@ def teacher_model(cfg: TeacherConfig) -> ModelConfig:
     if cfg.model is None:
         raise ValueError("teacher.model is not resolved: load the config with megatron_let.run_config.load_run_config")
     return cfg.model
+
+
+def teacher_cost(cfg: LETConfig, convention: Convention, *, layers: Optional[int] = None, head: bool = False) -> float:
+    """FLOPs per token of the configured teacher's forward up to layer ``layers`` (all by default),
+    with its output layer when ``head`` (megatron_let.flops, in ``convention``)."""
+    assert cfg.teacher is not None
+    return teacher_flops_per_token(
+        teacher_model(cfg.teacher),
+        cfg.training.seq_length,
+        convention,
+        layers=layers,
+        head=head,
+        tensor_parallel=cfg.parallel.tensor_model_parallel_size,
+    )
 
 
 def load_teacher_weights(cfg: TeacherConfig, teacher: Optional["Teacher"], log=print) -> None:
