@@ -272,6 +272,10 @@ def expand_runs(study: Study, base: dict) -> list[Run]:
             for key, value in point.items():
                 cfg = merge(cfg, dotted_to_nested(key, value))
             runs.append(Run(len(runs), name.replace("/", "_"), variant, method, point, cfg))
+    names = [run.name for run in runs]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ConfigError(f"{study.path}: grid: values that read the same give runs one name: {', '.join(twice)}")
     return runs
 
 
@@ -700,9 +704,14 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"megatron-let study: {err}", file=sys.stderr)
         return 2
-    study.work_dir.mkdir(parents=True, exist_ok=True)
+    if not args.list:
+        study.work_dir.mkdir(parents=True, exist_ok=True)
     base = prepare_base(study) if not args.list else study.base
-    runs = expand_runs(study, base)
+    try:
+        runs = expand_runs(study, base)
+    except ConfigError as err:
+        print(f"megatron-let study: {err}", file=sys.stderr)
+        return 2
     if args.only is not None and not 0 <= args.only < len(runs):
         print(f"megatron-let study: --only: {args.only} is not a run index (0..{len(runs) - 1})", file=sys.stderr)
         return 2
