@@ -120,6 +120,8 @@ def test_a_changed_study_is_refused_and_bad_files_named(study):
     write_config(tmp / "changed.yaml", spec)
     changed = study_cli("--config", "changed.yaml", cwd=tmp)
     assert changed.returncode == 2 and "was set up with another config" in changed.stderr
+    report_only = study_cli("--config", "changed.yaml", "--report-only", cwd=tmp)  # nor reported as its
+    assert report_only.returncode == 2 and "was set up with another config" in report_only.stderr
     spec = yaml.safe_load((tmp / "study.yaml").read_text())
     spec["reference"] = "hldc"
     write_config(tmp / "bad.yaml", spec)

@@ -330,24 +330,32 @@ def config_digest(cfg: dict) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def check_run_config(study: Study, run: Run, cfg: dict) -> Path:
+    """configs/<run>.yaml; a run already set up there with another config than the study now
+    gives it is refused (not trained further, nor reported as the study's)."""
+    path = study.work_dir / "configs" / f"{run.name}.yaml"
+    if path.exists() and config_digest(yaml.safe_load(path.read_text())) != config_digest(cfg):
+        raise ConfigError(
+            f"{path}: run {run.name} was set up with another config than {study.path} now gives it: remove "
+            f"{path} and {study.work_dir / 'runs' / run.name}, or use another work_dir"
+        )
+    return path
+
+
 def write_run_config(study: Study, run: Run, cfg: dict) -> Path:
-    """configs/<run>.yaml, checked by the trainer's own loader (errors name the run's key); a
-    run already there with another config is refused rather than mixed with the new one."""
+    """configs/<run>.yaml (:func:`check_run_config`), checked by the trainer's own loader (errors
+    name the run's key)."""
     from megatron_let.run_config import load_run_config
 
-    path = study.work_dir / "configs" / f"{run.name}.yaml"
-    if path.exists():
-        if config_digest(yaml.safe_load(path.read_text())) != config_digest(cfg):
-            raise ConfigError(
-                f"{path}: run {run.name} was set up with another config than {study.path} now gives it: remove "
-                f"{path} and {study.work_dir / 'runs' / run.name}, or use another work_dir"
-            )
-    else:
+    path = check_run_config(study, run, cfg)
+    written = not path.exists()
+    if written:
         write_text_atomic(path, yaml.safe_dump(cfg, sort_keys=False))
     try:
         load_run_config(path)
     except ConfigError as err:
-        path.unlink()
+        if written:
+            path.unlink()
         raise ConfigError(f"{study.path}: run {run.name}: {err}") from None
     return path
 
@@ -731,8 +739,10 @@ def main(argv=None) -> int:
     chosen = [run for run in runs if args.only is None or run.index == args.only]
     try:
         configs = {run.name: trainer_config(study, run) for run in chosen}
-        if not args.report_only:
-            for run in chosen:
+        for run in chosen:
+            if args.report_only:
+                check_run_config(study, run, configs[run.name])
+            else:
                 write_run_config(study, run, configs[run.name])
     except ConfigError as err:
         print(f"megatron-let study: {err}", file=sys.stderr)
