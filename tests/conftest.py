@@ -97,6 +97,9 @@ def write_config(path: Path, cfg: dict) -> Path:
     return path
 
 
+# The shipped run configs (the study files, examples/study_*.yaml, are tests/test_study.py's).
+RUN_EXAMPLES = sorted(p for p in (REPO / "examples").glob("*.yaml") if not p.name.startswith("study_"))
+
 QUICKSTART_SMOKE = ["quickstart", "--smoke", "--max-docs", "40"]
 
 

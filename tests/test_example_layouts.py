@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, torchrun, write_config
+from conftest import REPO, RUN_EXAMPLES, torchrun, write_config
 
-# Run configs (the study files, examples/study_*.yaml, are tests/test_study.py's).
-EXAMPLES = sorted(p for p in (REPO / "examples").glob("*.yaml") if not p.name.startswith("study_"))
+EXAMPLES = RUN_EXAMPLES
 
 
 def cpu_twin(raw: dict) -> tuple[dict, int]:

@@ -19,9 +19,9 @@ from megatron_let.config import ModelConfig
 from megatron_let.model.gpt import count_parameters
 from megatron_let.run_config import load_run_config as load_config
 
-from conftest import REPO, torchrun, write_config
+from conftest import REPO, RUN_EXAMPLES, torchrun, write_config
 
-EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+EXAMPLES = RUN_EXAMPLES
 
 
 def run_plan(*args: str) -> tuple[int, str, str]:
