@@ -57,6 +57,7 @@ from typing import Any, NoReturn, Optional
 
 import yaml
 
+from megatron_let.apps.quickstart import read_metrics
 from megatron_let.config import DISTILLATION_METHODS, ConfigError
 from megatron_let.platform.files import write_text_atomic
 
@@ -394,16 +395,6 @@ def launch(study: Study, run: Run, cfg: dict, position: str) -> dict:
         + (f", test loss {test[-1]['lm_loss']:.4f}" if test else "")
     )
     return record
-
-
-def read_metrics(save: Path) -> tuple[list, list, list]:
-    """(train, valid, test) records of a run, the last record per iteration kept (a resumed run)."""
-    path = save / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    train = {r["iteration"]: r for r in records if "split" not in r}
-    valid = {r["iteration"]: r for r in records if r.get("split") == "valid"}
-    test = [r for r in records if r.get("split") == "test"]
-    return [train[k] for k in sorted(train)], [valid[k] for k in sorted(valid)], test
 
 
 def _run_step(command: list[str], what: str) -> None:
